@@ -255,6 +255,9 @@ class Decoder(nn.Module):
         attn = attn[:, None]
 
         if c.model_type == "opt":
+            if P + T > c.max_position_embeddings:  # learned positions end here; LLaMA's rotary ones don't
+                raise ValueError(f"sequence of {P + T} tokens exceeds this OPT model's "
+                                 f"{c.max_position_embeddings} positions")
             d = self.model.decoder
             x = d.embed_tokens(input_ids)
             if hasattr(d, "project_in"):
@@ -454,6 +457,7 @@ def _quantizer(bits, dtype, device):
                                   compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
             q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
+            q.register_forward_pre_hook(_unpack_if_grad)
         else:
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     has_fp16_weights=False, device="meta")
@@ -464,6 +468,22 @@ def _quantizer(bits, dtype, device):
         # misleading "quantization state not initialized" assertion.
         return q.to(device)
     return quantize
+
+
+def unpack_4bit(lin):
+    """Undo bitsandbytes' CPU repacking of a Linear4bit's weight (0.50: done in place by the first
+    eval-mode forward whose input needs no grad). Its packed kernel has no backward, so gradients
+    through it would be silently dropped: the forward pre-hook above unpacks when grads must flow."""
+    w = lin.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as inverse
+        w.data, w.quant_state = inverse(w.data, w.quant_state)
+        lin.quant_state = w.quant_state
+
+
+def _unpack_if_grad(lin, args):
+    if args[0].requires_grad:
+        unpack_4bit(lin)
 
 
 def num_params(model) -> int:

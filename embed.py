@@ -1,0 +1,283 @@
+"""Sentence embeddings from a decoder LLM with PromptEOL (Jiang et al. 2023).
+
+PromptEOL asks the model to squeeze the sentence into one word,
+    This sentence : "<sentence>" means in one word:"
+and takes the final hidden state of the last token -- the state from which the
+model would predict that word. One demonstration in front of the template,
+    This sentence : "A jockey riding a horse." means in one word:"Equestrian".
+(in-context learning) raises STS scores without any training.
+
+    python embed.py "A man plays a guitar." "Someone is playing music." "A woman slices an onion."
+    python embed.py --input sentences.txt --output emb.npy
+
+Speed: the shared prefix (demonstrations + `This sentence :`) runs once and its
+key/value cache serves every sentence; sentences are sorted by length so batches
+carry little padding; no LM head runs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model as M
+
+# The sentence goes where *sent_0* is (the reference code's placeholder).
+TEMPLATES = {
+    "eol": 'This sentence : "*sent_0*" means in one word:"',   # PromptEOL
+    "prompt": 'This sentence : "*sent_0*" means',              # PromptBERT-style, no "in one word"
+    "last": "*sent_0*",                                        # last token, no template
+    "mean": "*sent_0*",                                        # mean over real tokens, no template
+}
+DEMO_FORMAT = 'This sentence : "{sentence}" means in one word:"{word}".'
+DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"
+
+
+def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
+    """The demonstration each alias uses unless told otherwise (data/demonstrations.json)."""
+    table = json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
+    d = table.get(model_name)
+    return [(d["sentence"], d["word"])] if d else []
+
+
+def parse_demonstration(text: str) -> tuple[str, str]:
+    """'A jockey riding a horse.=>Equestrian' -> (sentence, word)."""
+    if "=>" not in text:
+        raise ValueError(f"demonstration {text!r} must look like 'SENTENCE=>WORD'")
+    s, w = text.rsplit("=>", 1)
+    if not s.strip() or not w.strip():
+        raise ValueError(f"demonstration {text!r} has an empty sentence or word")
+    return s.strip(), w.strip()
+
+
+def preprocess(s: str) -> str:
+    """The reference code's clean-up before templating (kongds/scaling_sentemb evaluation):
+    end with punctuation, no double quotes inside the quoted slot, a final ? becomes ."""
+    if s and s[-1] not in '.?"\'':
+        s += "."
+    s = s.replace('"', "'")
+    if s and s[-1] == "?":
+        s = s[:-1] + "."
+    return s
+
+
+class Embedder:
+    """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
+
+    def __init__(self, model: str = M.DEFAULT_MODEL, method: str = "eol", demonstrations="default",
+                 max_tokens: int = 32, batch_size: int = 64, device=None, dtype=None, bits=None,
+                 adapter: str | None = None):
+        if method not in TEMPLATES:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(TEMPLATES)}")
+        if demonstrations == "default":
+            demonstrations = default_demonstrations(model) if method == "eol" else []
+        demonstrations = [tuple(d) for d in (demonstrations or [])]
+        if demonstrations and method != "eol":
+            raise ValueError(f"demonstrations need the 'eol' template, not method {method!r}")
+        if max_tokens < 1 or batch_size < 1:
+            raise ValueError("max_tokens and batch_size must be positive")
+        self.model, self.tok = M.load(model, dtype=dtype, device=device, bits=bits)
+        if adapter:
+            import lora
+            lora.load_adapter(self.model, adapter)
+            self.model.eval()
+        self.device = self.model.embeddings().weight.device
+        self.method, self.demonstrations = method, demonstrations
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.template = TEMPLATES[method]
+        self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
+        # The cached prefix stops at the last whitespace before the sentence slot
+        # (`...This sentence :`), a boundary no BPE merge crosses in practice; each
+        # sentence's full prompt is tokenized whole and checked to start with it.
+        head = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in demonstrations)
+        head += self.template.split("*sent_0*")[0]
+        self.prefix_text = head[:head.rfind(" ")] if " " in head else ""
+        self.prefix_ids = self.tok.encode(self.prefix_text) if self.prefix_text else []
+        self._past = None
+        self.fingerprint = {
+            "model": model, "adapter": adapter, "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
+            "method": method, "template": self.template, "max_tokens": max_tokens,
+            "demonstrations": [list(d) for d in demonstrations], "version": 1}
+
+    # ------------------------------------------------------------------ prompts
+    def prompt(self, sentence: str) -> tuple[str, bool]:
+        """sentence -> (full prompt text, truncated?). The sentence itself is cut to
+        max_tokens before templating, so the template's end is never cut."""
+        ids = self.tok.encode(sentence, bos=False)
+        cut = len(ids) > self.max_tokens
+        if cut:
+            sentence = self.tok.decode(ids[:self.max_tokens])
+        if self.method in ("eol", "prompt"):
+            sentence = preprocess(sentence)
+        demos = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
+        return demos + self.template.replace("*sent_0*", sentence), cut
+
+    def tokenize(self, sentences):
+        """-> list of (prompt ids after the cached prefix, or full ids if it doesn't match, uses_prefix)."""
+        out, P = [], len(self.prefix_ids)
+        for s in sentences:
+            text, cut = self.prompt(s)
+            self.stats["truncated"] += cut
+            ids = self.tok.encode(text)
+            hit = P > 0 and ids[:P] == self.prefix_ids and len(ids) > P
+            out.append((ids[P:] if hit else ids, hit))
+        return out
+
+    @torch.inference_mode()
+    def prefix_cache(self):
+        if self._past is None and self.prefix_ids:
+            ids = torch.tensor([self.prefix_ids], device=self.device)
+            _, self._past = self.model(ids, use_cache=True)
+        return self._past
+
+    # ------------------------------------------------------------------ encode
+    @torch.inference_mode()
+    def encode(self, sentences, normalize: bool = False, progress: bool = False) -> np.ndarray:
+        if isinstance(sentences, str):
+            raise ValueError("encode takes a list of sentences, not one string")
+        t0 = time.perf_counter()
+        items = self.tokenize(list(sentences))
+        H = self.model.embeddings().embedding_dim
+        out = np.zeros((len(items), H), dtype=np.float32)
+        # Longest first, so the first batch shows the peak memory; each group (with or
+        # without the cached prefix) is batched separately.
+        order = sorted(range(len(items)), key=lambda i: (not items[i][1], -len(items[i][0])))
+        batches = []
+        for hit in (True, False):
+            idx = [i for i in order if items[i][1] == hit]
+            batches += [(hit, idx[j:j + self.batch_size]) for j in range(0, len(idx), self.batch_size)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(items), desc="embed", unit="sent", file=sys.stderr)
+        for hit, idx in batches:
+            ids, mask = self.tok.pad([items[i][0] for i in idx], device=self.device)
+            h = self.model(ids, mask, past=self.prefix_cache() if hit else None)       # (B, T, H)
+            if self.method == "mean":
+                # Mean over the sentence's real tokens only: padding never counts, nor
+                # does BOS (an attention-sink token whose huge state would dominate).
+                m = mask if self.tok.bos_id is None else mask * (ids != self.tok.bos_id)
+                emb = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+            else:
+                emb = h[:, -1]                                                      # last token (left padding)
+            out[idx] = emb.float().cpu().numpy()
+            self.stats["tokens"] += int(mask.sum()) + len(idx) * (len(self.prefix_ids) if hit else 0)
+            if bar:
+                bar.update(len(idx))
+        if bar:
+            bar.close()
+        self.stats["sentences"] += len(items)
+        self.stats["seconds"] += time.perf_counter() - t0
+        if normalize:
+            out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+        return out
+
+
+# ---------------------------------------------------------------------- CLI
+def read_lines(path: str | None) -> list[str]:
+    if path is None:
+        if sys.stdin.isatty():
+            raise ValueError("no input: pass sentences as arguments, --input FILE, or pipe them on stdin")
+        data, name = sys.stdin.buffer.read(), "stdin"
+    else:
+        try:
+            data, name = Path(path).read_bytes(), path
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    lines = text.splitlines()
+    if not lines:
+        raise ValueError(f"{name} is empty: nothing to embed")
+    return lines
+
+
+def check_output(path: str | None):
+    if path is None:
+        return
+    p = Path(path)
+    if p.suffix not in (".npy", ".safetensors", ".jsonl"):
+        raise ValueError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
+    if p.is_dir() or not p.parent.exists():
+        raise ValueError(f"--output {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
+    try:  # fail now, not after the embedding work
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {path} is not writable: {e.strerror}") from None
+
+
+def write_output(path: str, sentences, emb: np.ndarray):
+    p = Path(path)
+    if p.suffix == ".npy":
+        np.save(p, emb)
+    elif p.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+        save_file({"embeddings": emb}, str(p))
+    else:
+        with open(p, "w", encoding="utf-8") as f:
+            for s, e in zip(sentences, emb):
+                f.write(json.dumps({"sentence": s, "embedding": [round(float(x), 6) for x in e]}) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="PromptEOL sentence embeddings from a decoder LLM.")
+    ap.add_argument("sentences", nargs="*", help="quick mode: embed these and print their cosine similarities")
+    ap.add_argument("--model", default=M.DEFAULT_MODEL,
+                    help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: {M.DEFAULT_MODEL}, offline)")
+    ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines are kept as rows")
+    ap.add_argument("--output", help="write embeddings to .npy, .safetensors or .jsonl (rows in input order)")
+    ap.add_argument("--method", default="eol", choices=list(TEMPLATES), help="eol = PromptEOL (paper); prompt = "
+                    "template without 'in one word'; last = last token, no template; mean = mean pooling")
+    ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
+                    help="in-context demonstration (repeatable); default: the model's own from data/demonstrations.json")
+    ap.add_argument("--no-demonstration", action="store_true", help="use no demonstration at all")
+    ap.add_argument("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
+    ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears (bitsandbytes)")
+    ap.add_argument("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
+    ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    args = ap.parse_args(argv)
+    try:
+        if args.demonstration and args.no_demonstration:
+            raise ValueError("--demonstration and --no-demonstration contradict each other")
+        demos = ([] if args.no_demonstration else
+                 [parse_demonstration(d) for d in args.demonstration] if args.demonstration else "default")
+        M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
+        sentences = args.sentences or read_lines(args.input)
+        check_output(args.output)
+        emb = Embedder(args.model, args.method, demos, args.max_tokens, args.batch_size, args.device,
+                       args.dtype, args.bits, args.adapter)
+        vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
+        if args.output:
+            write_output(args.output, sentences, vecs)
+        if args.sentences:
+            u = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+            sim = u @ u.T
+            for i, s in enumerate(sentences):
+                print(" ".join(f"{x:6.3f}" for x in sim[i]), " ", s)
+        st = emb.stats
+        empty = sum(1 for s in sentences if not s.strip())
+        print(f"{st['sentences']} sentences, {st['tokens']} tokens, {st['seconds']:.2f} s, "
+              f"{st['sentences'] / max(st['seconds'], 1e-9):.1f} sentences/s"
+              + (f", {st['truncated']} truncated to {args.max_tokens} tokens" if st["truncated"] else "")
+              + (f", {empty} empty lines kept as rows" if empty else "")
+              + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
