@@ -1,0 +1,108 @@
+"""Weight memory and forward time of a model at 32/16/8/4 bits, as ratios to fp32.
+
+    python bench/quant.py [--model smollm2-135m] [--batch 16] [--reps 3]
+
+4/8 bits quantize the linear layers of the decoder blocks (bitsandbytes NF4 with double
+quantization / LLM.int8()); embeddings, norms and the LM head stay in the load dtype (float32
+on CPU, as model.load picks). 16 bits is bfloat16 throughout. Also reports the cosine of the
+last-token hidden states (the PromptEOL embedding) to fp32's. If the default model is not
+available, a random LLaMA shaped like SmolLM2-135M stands in (memory ratios are the same;
+the cosine then says little).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# On a shared, busy CPU, OpenMP threads that spin while waiting get descheduled and every
+# small op pays a time slice: timings swing by 5x. Passive waiting keeps them comparable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                     intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                     max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+TEMPLATE = 'This sentence : "{}" means in one word:"'   # PromptEOL
+SENTENCES = ["A man is playing a guitar.", "The cat sits on the mat near the window.",
+             "Stocks fell sharply after the announcement.", "Two kids are riding bikes in the park.",
+             "She is reading a long novel about the sea.", "The weather will be sunny tomorrow."]
+
+
+def random_checkpoint(d: Path) -> str:
+    """A SmolLM2-135M-shaped LLaMA with random weights and a throwaway byte-level tokenizer, in d."""
+    from safetensors.torch import save_file
+    from tokenizers import ByteLevelBPETokenizer
+    (d / "config.json").write_text(json.dumps(SMOLLM2_SHAPE))
+    c = M.Config.from_hf(SMOLLM2_SHAPE)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in M.Decoder(c).state_dict().items() if k != "lm_head.weight"}
+    save_file({k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s) * 0.02) for k, s in shapes.items()},
+              str(d / "model.safetensors"))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES * 10, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"])
+    bpe.save(str(d / "tokenizer.json"))
+    return str(d)
+
+
+def forward(model, ids, mask):
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model(ids, mask)
+    return time.perf_counter() - t, out[:, -1].float()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=M.DEFAULT_MODEL)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bits", default="32,16,8,4")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
+        try:
+            M.resolve(args.model)
+            name = args.model
+        except Exception as e:  # noqa: BLE001 - any failure to find the model means: use the stand-in
+            print(f"# {args.model} unavailable ({str(e).splitlines()[0][:100]}); "
+                  f"using a random SmolLM2-135M-shaped LLaMA")
+            name = random_checkpoint(Path(tmp))
+        bench(args, name)
+
+
+def bench(args, name):
+    bits = [int(b) for b in args.bits.split(",")]
+    models = {b: M.load(name, device="cpu", bits=b) for b in bits}
+    tok = models[bits[0]][1]
+    ids, mask = tok.pad([tok.encode(TEMPLATE.format(SENTENCES[i % len(SENTENCES)])) for i in range(args.batch)])
+    before = {b: M.weight_bytes(m) for b, (m, _) in models.items()}
+    last = {b: forward(m, ids, mask)[1] for b, (m, _) in models.items()}   # warm-up; bitsandbytes repacks here
+    after = {b: M.weight_bytes(m) for b, (m, _) in models.items()}         # ... which may change the bytes
+    secs = {b: [] for b in bits}
+    for _ in range(args.reps):          # interleaved, best of reps: load drift hits every row alike
+        for b, (m, _) in models.items():
+            secs[b].append(forward(m, ids, mask)[0])
+    rows, b0 = [], bits[0]
+    for b in bits:
+        cos = torch.nn.functional.cosine_similarity(last[b], last[b0], dim=-1)
+        rows.append((b, before[b], after[b], min(secs[b]), cos.mean().item(), cos.min().item()))
+    base = rows[0][1], rows[0][3]
+    print(f"model: {args.model if name == args.model else 'random SmolLM2-135M-shaped LLaMA'}; "
+          f"batch {args.batch} x {ids.shape[1]} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; ratios to the first row")
+    print(f"{'bits':>4} {'weights MB':>10} {'ratio':>6} {'after fwd':>9} {'fwd ms':>8} {'ratio':>6} "
+          f"{'cos mean':>8} {'cos min':>8}")
+    for bits, b, a, s, cm, cn in rows:
+        print(f"{bits:>4} {b / 1e6:>10.1f} {b / base[0]:>6.3f} {a / base[0]:>9.3f} {s * 1e3:>8.1f} "
+              f"{s / base[1]:>6.2f} {cm:>8.4f} {cn:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()

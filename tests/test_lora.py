@@ -1,0 +1,198 @@
+"""lora.py against PEFT (the reference oracle), and 4-/8-bit bases through bitsandbytes."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lora as L
+import model as M
+from test_model import batch, hf_model, ref_hidden, save
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+# Widths that are multiples of 64: bitsandbytes' CPU 4-bit inference kernel asserts
+# out_features % 32 == 0 and in_features % 64 (its block size) == 0.
+LLAMA = dict(model_type="llama", vocab_size=300, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+OPT = dict(model_type="opt", vocab_size=300, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+           num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
+CONFIGS = {"llama": LLAMA, "opt": OPT}
+BLOCK = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+         "opt": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """name -> (cfg, checkpoint directory), each saved once."""
+    out = {}
+    for name, cfg in CONFIGS.items():
+        d = tmp_path_factory.mktemp(name)
+        save(hf_model(cfg), d)
+        out[name] = (cfg, d)
+    return out
+
+
+def ours(ckpt, name, **kw):
+    return M.load(str(ckpt[name][1]), device="cpu", **kw)[0]
+
+
+def randomize_B(model, scale=0.05):   # B = 0 makes every check trivial
+    with torch.no_grad():
+        for m in L._lora_layers(model).values():
+            m.lora_B.weight.normal_(0, scale)
+
+
+def real(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, mask)[mask.bool()]
+
+
+_, IDS, MASK = batch([7, 3, 12])
+
+
+# ----------------------------------------------------------------------------- the layer
+def test_zero_B_is_the_base_and_targets(ckpt):
+    for name in CONFIGS:
+        m = ours(ckpt, name)
+        want = real(m, IDS, MASK)
+        L.add_lora(m, r=8, alpha=16)
+        wrapped = L._lora_layers(m)
+        assert {n.rpartition(".")[2] for n in wrapped} == BLOCK[name]          # all-linear = the blocks
+        assert len(wrapped) == 2 * len(BLOCK[name]) and "lm_head" not in wrapped
+        torch.testing.assert_close(real(m, IDS, MASK), want, atol=0, rtol=0)
+    m = L.add_lora(ours(ckpt, "llama"), r=4, targets=["q_proj", "v_proj"])
+    want = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert sorted(L._lora_layers(m)) == want
+    with pytest.raises(ValueError, match="already has LoRA"):
+        L.add_lora(m)
+    with pytest.raises(ValueError, match="'fc1' matches no linear layer"):
+        L.add_lora(ours(ckpt, "llama"), targets=["q_proj", "fc1"])
+
+
+def test_merge_equals_unmerged(ckpt):
+    m = L.add_lora(ours(ckpt, "opt"), r=8, alpha=16)
+    randomize_B(m)
+    before = real(m, IDS, MASK)
+    L.merge_lora(m)
+    assert not L._lora_layers(m) and type(m.model.decoder.layers[0].fc1) is nn.Linear
+    torch.testing.assert_close(real(m, IDS, MASK), before, atol=1e-5, rtol=0)
+
+
+def test_4bit_only_lora_trains_and_grads_flow(ckpt):
+    m = ours(ckpt, "llama", bits=4)
+    real(m, IDS, MASK)   # an eval no-grad forward: bitsandbytes repacks the CPU weights in place
+    L.mark_only_lora_trainable(L.add_lora(m, r=8, alpha=16, dropout=0.1))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 2 * len(BLOCK["llama"])
+    m.train()
+    m(IDS, MASK)[:, -1].pow(2).sum().backward()
+    for n, p in m.named_parameters():
+        if n.endswith("lora_B.weight"):   # layer 0's B needs the gradient through layer 1's 4-bit bases
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        elif not p.requires_grad:
+            assert p.grad is None, n
+    m.eval()
+
+
+def test_4bit_merge_needs_dequantize(ckpt):
+    m = L.add_lora(ours(ckpt, "llama", bits=4), r=8)
+    randomize_B(m)
+    before = real(m, IDS, MASK)
+    with pytest.raises(ValueError, match="Linear4bit.*dequantize=True"):
+        L.merge_lora(m)
+    L.merge_lora(m, dequantize=True)
+    assert type(m.model.layers[1].mlp.down_proj) is nn.Linear
+    after = real(m, IDS, MASK)   # the packed CPU kernel computes in bf16: close, not equal
+    assert torch.nn.functional.cosine_similarity(after, before, dim=-1).min() > 0.999
+
+
+# ----------------------------------------------------------------------------- PEFT parity and files
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_peft_parity_both_ways(ckpt, name, tmp_path):
+    cfg, _ = ckpt[name]
+    # PEFT -> here: random A and B (init_lora_weights=False), saved by PeftModel.save_pretrained
+    targets = "all-linear" if name == "opt" else sorted(BLOCK[name])   # PEFT saves full names / suffixes
+    ref = peft.get_peft_model(hf_model(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                              init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    ref.save_pretrained(tmp_path / "from_peft")
+    m = L.load_adapter(ours(ckpt, name), tmp_path / "from_peft")
+    assert len(L._lora_layers(m)) == 2 * len(BLOCK[name])
+    want = ref_hidden(cfg, ref, IDS, MASK)[MASK.bool()]
+    torch.testing.assert_close(real(m, IDS, MASK), want, atol=1e-5, rtol=0)
+    # here -> PEFT
+    m = L.add_lora(ours(ckpt, name), r=8, alpha=16)
+    randomize_B(m)
+    L.save_adapter(m, tmp_path / "from_here", "tiny")
+    ref = peft.PeftModel.from_pretrained(hf_model(cfg), tmp_path / "from_here").eval()
+    want = ref_hidden(cfg, ref, IDS, MASK)[MASK.bool()]
+    torch.testing.assert_close(real(m, IDS, MASK), want, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_and_bin(ckpt, tmp_path):
+    m = L.add_lora(ours(ckpt, "llama"), r=8, alpha=32, targets=["q_proj", "down_proj"])
+    randomize_B(m)
+    want = real(m, IDS, MASK)
+    out = tmp_path / "adapters" / "a"
+    L.save_adapter(m, out, "base/name")
+    L.save_adapter(m, out, "base/name")   # replacing an adapter is allowed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a"]   # no temporary directories left
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 8 and conf["lora_alpha"] == 32
+    assert conf["target_modules"] == ["down_proj", "q_proj"] and conf["base_model_name_or_path"] == "base/name"
+    got = L.load_adapter(ours(ckpt, "llama"), out)
+    torch.testing.assert_close(real(got, IDS, MASK), want, atol=0, rtol=0)
+    # adapter_model.bin (older PEFT), read with weights_only
+    from safetensors.torch import load_file
+    torch.save(load_file(str(out / "adapter_model.safetensors")), out / "adapter_model.bin")
+    (out / "adapter_model.safetensors").unlink()
+    got = L.load_adapter(ours(ckpt, "llama"), out)
+    torch.testing.assert_close(real(got, IDS, MASK), want, atol=0, rtol=0)
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds more than an adapter"):
+        L.save_adapter(m, out)
+
+
+def test_mismatched_adapters_fail_clearly(ckpt, tmp_path):
+    opt = L.add_lora(ours(ckpt, "opt"), r=4)
+    L.save_adapter(opt, tmp_path / "opt")
+    with pytest.raises(ValueError, match=r"it adapts model\.decoder\.layers\.0\.fc1, which the model does not have"):
+        L.load_adapter(ours(ckpt, "llama"), tmp_path / "opt")
+    # same names, other widths: the first mis-shaped tensor is named
+    wide = dict(LLAMA, intermediate_size=192)
+    save(hf_model(wide), tmp_path / "wide")
+    L.save_adapter(L.add_lora(M.load(str(tmp_path / "wide"))[0], r=4, targets=["up_proj"]), tmp_path / "w")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.lora_B\.weight has shape \(192, 4\), "
+                                         r"expected \(128, 4\)"):
+        L.load_adapter(ours(ckpt, "llama"), tmp_path / "w")
+    # a shallower adapter: target_modules cover layer 1, the file has no weights for it
+    conf = json.loads((tmp_path / "opt" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file, save_file
+    f = str(tmp_path / "opt" / "adapter_model.safetensors")
+    save_file({k: v for k, v in load_file(f).items() if ".layers.1." not in k}, f)
+    with pytest.raises(ValueError, match=r"cover model\.decoder\.layers\.1\.[\w.]+ but it has no weights"):
+        L.load_adapter(ours(ckpt, "opt"), tmp_path / "opt")
+    (tmp_path / "opt" / "adapter_config.json").write_text(json.dumps(conf | {"use_dora": True}))
+    with pytest.raises(ValueError, match="uses use_dora: not supported"):
+        L.load_adapter(ours(ckpt, "opt"), tmp_path / "opt")
+    with pytest.raises(ValueError, match="could not be fetched from the Hugging Face Hub"):
+        L.load_adapter(ours(ckpt, "opt"), "nobody/no-such-adapter")
+
+
+# ----------------------------------------------------------------------------- 4-bit / 8-bit bases
+@pytest.mark.parametrize("name,bits", [("llama", 4), ("opt", 4), ("llama", 8)])
+def test_quantized_base(ckpt, name, bits):
+    import bitsandbytes as bnb
+    cls = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}[bits]
+    full, q = ours(ckpt, name), ours(ckpt, name, bits=bits)
+    for n, mod in q.named_modules():
+        if isinstance(mod, nn.Linear):
+            assert isinstance(mod, cls) == (n.rpartition(".")[2] in BLOCK[name]), n
+    assert type(q.lm_head) is nn.Linear and type(q.embeddings()) is nn.Embedding
+    assert M.weight_bytes(q) < M.weight_bytes(full)
+    _, ids, mask = batch([9, 4, 12], seed=3)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(q(ids, mask)[:, -1], full(ids, mask)[:, -1], dim=-1)
+    assert cos.min() > (0.98 if bits == 4 else 0.995), cos
