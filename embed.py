@@ -17,6 +17,7 @@ carry little padding; no LM head runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -67,6 +68,12 @@ def preprocess(s: str) -> str:
     return s
 
 
+def _adapter_hash(adapter):
+    """Content hash of a local adapter, so a retrained adapter at the same path is a new encoder."""
+    files = sorted(Path(adapter).glob("adapter_model.*")) if adapter and Path(adapter).is_dir() else []
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
+
+
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
@@ -88,22 +95,34 @@ class Embedder:
             lora.load_adapter(self.model, adapter)
             self.model.eval()
         self.device = self.model.embeddings().weight.device
-        self.method, self.demonstrations = method, demonstrations
-        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.method, self.max_tokens, self.batch_size = method, max_tokens, batch_size
         self.template = TEMPLATES[method]
         self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
+        self.fingerprint = {
+            "model": model, "adapter": adapter, "adapter_sha256": _adapter_hash(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
+            "method": method, "template": self.template, "max_tokens": max_tokens, "version": 1}
+        self._set_demonstrations(demonstrations)
+
+    def _set_demonstrations(self, demonstrations):
+        self.demonstrations = [tuple(d) for d in demonstrations]
+        self.fingerprint = dict(self.fingerprint, demonstrations=[list(d) for d in self.demonstrations])
         # The cached prefix stops at the last whitespace before the sentence slot
         # (`...This sentence :`), a boundary no BPE merge crosses in practice; each
         # sentence's full prompt is tokenized whole and checked to start with it.
-        head = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in demonstrations)
+        head = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
         head += self.template.split("*sent_0*")[0]
         self.prefix_text = head[:head.rfind(" ")] if " " in head else ""
         self.prefix_ids = self.tok.encode(self.prefix_text) if self.prefix_text else []
         self._past = None
-        self.fingerprint = {
-            "model": model, "adapter": adapter, "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
-            "method": method, "template": self.template, "max_tokens": max_tokens,
-            "demonstrations": [list(d) for d in demonstrations], "version": 1}
+
+    def with_demonstrations(self, demonstrations) -> "Embedder":
+        """A copy sharing the loaded model, with other demonstrations (for the ICL search)."""
+        if demonstrations and self.method != "eol":
+            raise ValueError(f"demonstrations need the 'eol' template, not method {self.method!r}")
+        other = copy.copy(self)
+        other.stats = dict.fromkeys(self.stats, 0)
+        other._set_demonstrations(demonstrations)
+        return other
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, sentence: str) -> tuple[str, bool]:

@@ -78,6 +78,15 @@ def test_prefix_cache_equals_full_sequence(tiny):
             assert full @ got / np.linalg.norm(full) / np.linalg.norm(got) >= 0.99999
 
 
+def test_with_demonstrations_shares_the_model(tiny):
+    demo = [("A jockey riding a horse.", "Equestrian")]
+    base = E.Embedder(tiny, demonstrations=[])
+    other = base.with_demonstrations(demo)
+    assert other.model is base.model and other.fingerprint != base.fingerprint
+    np.testing.assert_allclose(other.encode(SENTS), E.Embedder(tiny, demonstrations=demo).encode(SENTS), atol=1e-6)
+    assert base.prefix_ids != other.prefix_ids and base.demonstrations == []
+
+
 def test_mean_pooling_ignores_padding_and_bos(tiny):
     e = E.Embedder(tiny, method="mean")
     got = e.encode(["a b c d e f", "a"])
