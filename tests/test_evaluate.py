@@ -1,0 +1,300 @@
+"""evaluate.py: loaders against the official counts, STS scoring with known answers,
+the aggregation against scipy, the embedding cache, the transfer protocol, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+
+import evaluate as ev
+
+DATA = ev.data_dir()  # conftest points SENTEMB_DATA at ../shared/data
+
+
+class GoldEncoder:
+    """Encodes sentence "a<i>" as [1, 0] and "b<i>" at an angle that shrinks as gold[i]
+    grows, so cosine(a_i, b_i) is a monotone function of the gold score."""
+
+    def __init__(self, gold, fingerprint=None):
+        self.gold, self.calls, self.seen = np.asarray(gold, float), 0, []
+        if fingerprint is not None:
+            self.fingerprint = fingerprint
+
+    def encode(self, sentences):
+        self.calls += 1
+        self.seen += list(sentences)
+        out = []
+        for s in sentences:
+            angle = (1 - self.gold[int(s[1:])] / 5) * np.pi / 2
+            out.append([1.0, 0.0] if s[0] == "a" else [np.cos(angle), np.sin(angle)])
+        return np.array(out, np.float32)
+
+
+def toy_pairs(gold):
+    return ev.Pairs([f"a{i}" for i in range(len(gold))], [f"b{i}" for i in range(len(gold))], np.asarray(gold))
+
+
+# ---------------------------------------------------------------- STS scoring
+def test_gold_encoder_gives_spearman_one_and_shuffled_about_zero():
+    gold = np.random.default_rng(0).uniform(0, 5, 2000)
+    pairs = toy_pairs(gold)
+    emb = ev.embed_all(GoldEncoder(gold), pairs.a + pairs.b, progress=False)
+    assert ev.score_sts({"x": pairs}, emb)["score"] == pytest.approx(1.0)
+    shuffled = np.random.default_rng(1).permutation(gold)
+    emb = ev.embed_all(GoldEncoder(shuffled), pairs.a + pairs.b, progress=False)
+    assert abs(ev.score_sts({"x": pairs}, emb)["score"]) < 0.08
+
+
+def test_aggregation_matches_scipy():
+    rng = np.random.default_rng(0)
+    parts = {}
+    for k, n in (("s1", 50), ("s2", 120), ("s3", 7)):
+        gold = rng.uniform(0, 5, n)
+        parts[k] = (gold + rng.normal(0, 1 + n / 50, n), gold)  # different noise per subset
+    out = ev.aggregate(parts)
+    sys_all = np.concatenate([s for s, _ in parts.values()])
+    gold_all = np.concatenate([g for _, g in parts.values()])
+    for name, corr in (("spearman", spearmanr), ("pearson", pearsonr)):
+        per = [corr(s, g)[0] for s, g in parts.values()]
+        assert out[name]["all"] == pytest.approx(corr(sys_all, gold_all)[0])
+        assert out[name]["mean"] == pytest.approx(np.mean(per))
+        assert out[name]["wmean"] == pytest.approx(np.average(per, weights=[50, 120, 7]))
+        assert [out["subsets"][k][name] for k in parts] == pytest.approx(per)
+    assert out["n"] == 177 and out["spearman"]["all"] != pytest.approx(out["spearman"]["mean"])
+
+
+def test_cosine_of_zero_vector_is_zero_like_senteval():
+    assert ev.cosine([[0, 0], [1, 0]], [[1, 1], [2, 0]]).tolist() == [0.0, 1.0]
+
+
+def test_stsb_dev_reads_tab_separated_rows_with_quotes(tmp_path):
+    (tmp_path / "sts" / "stsb").mkdir(parents=True)
+    gold = [0.5, 4.0, 2.5, 1.0]
+    rows = [f'main-news\tfile\t2012\t{i}\t{g}\ta{i}\tb{i}' for i, g in enumerate(gold)]
+    rows.append('main-news\tfile\t2012\t9\t3.0\ta"4\tb" 4')  # unbalanced quotes: TAB split only
+    (tmp_path / "sts" / "stsb" / "sts-dev.csv").write_text("\n".join(rows) + "\n")
+    pairs = ev.load_stsb(tmp_path, "dev")
+    assert pairs.a[-1] == 'a"4' and pairs.b[-1] == 'b" 4' and len(pairs.gold) == 5
+    enc = GoldEncoder(gold + [3.0])
+    enc.encode = lambda s, f=enc.encode: f([x.replace('"', "").replace(" ", "") for x in s])
+    assert ev.stsb_dev(enc, tmp_path) == pytest.approx(1.0)
+    assert ev.stsb_dev(enc, tmp_path, indices=[0, 2, 4]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- real data
+COUNTS = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_sts_years_parse_to_official_counts(name):
+    subsets = ev.load_sts_year(DATA, name)
+    assert list(subsets) == ev.STS_SUBSETS[name]
+    assert sum(len(p.gold) for p in subsets.values()) == COUNTS[name]
+    for p in subsets.values():
+        assert len(p.a) == len(p.b) == len(p.gold) and ((p.gold >= 0) & (p.gold <= 5)).all()
+
+
+def test_sts15_16_unscored_pairs_are_skipped():
+    assert len(ev.load_sts_year(DATA, "sts15")["answers-forums"].gold) == 375  # of 2000 lines
+
+
+@pytest.mark.parametrize("loader,splits", [
+    (ev.load_stsb, {"train": 5749, "dev": 1500, "test": 1379}),
+    (ev.load_sick, {"train": 4500, "trial": 500, "test": 4927}),
+    (ev.load_sst2, {"train": 67349, "dev": 872, "test": 1821}),
+    (ev.load_trec, {"train": 5452, "test": 500}),
+    (ev.load_mrpc, {"train": 4076, "test": 1725}),
+])
+def test_split_files_parse_to_official_counts(loader, splits):
+    for split, n in splits.items():
+        d = loader(DATA, split)
+        labels = d.gold if isinstance(d, ev.Pairs) else d.y
+        assert len(labels) == n
+        texts = (d.a + d.b) if isinstance(d, ev.Pairs) else d.x
+        assert not any("\r" in s or "\ufeff" in s or s != s.strip() for s in texts)
+
+
+@pytest.mark.parametrize("name,n,blank", [("mr", 10662, 0), ("cr", 3775, 4), ("subj", 10000, 0), ("mpqa", 10606, 3)])
+def test_binary_tasks_parse_to_official_counts_keeping_blank_lines(name, n, blank):
+    d = ev.load_binary(DATA, name)
+    assert len(d.x) == len(d.y) == n and d.x.count("") == blank and set(d.y.tolist()) == {0, 1}
+
+
+def test_quirks_sick_crlf_trec_latin1_mrpc_bom():
+    sick = ev.load_sick(DATA, "test")
+    assert ((sick.gold >= 1) & (sick.gold <= 5)).all()
+    trec = ev.load_trec(DATA, "train")
+    assert any("\u00f0" in s for s in trec.x) and sorted(set(trec.y.tolist())) == list(range(6))
+    assert set(ev.load_mrpc(DATA, "train").gold.tolist()) == {0, 1}
+
+
+def test_every_task_loads_and_the_sts_suite_has_about_37k_sentences():
+    loaded = {n: ev.load_task(n, DATA) for n in ev.parse_tasks("all,stsb-dev")}
+    sts = [s for n in ev.STS for d in loaded[n].values() for s in d.a + d.b]
+    assert len(sts) == 2 * (3108 + 1500 + 3750 + 3000 + 1186 + 1379 + 4927)
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_returns_identical_vectors_and_skips_encoded_sentences(tmp_path):
+    gold = np.random.default_rng(0).uniform(0, 5, 10)
+    enc = GoldEncoder(gold, fingerprint={"model": "toy", "demonstrations": [["s", "w"]]})
+    first = ev.CachedEncoder(enc, cache_dir=tmp_path, chunk_size=3)
+    v1 = first.encode(["a1", "b2", "a1", "b3"])
+    assert first.n_encoded == 3 and sorted(enc.seen) == ["a1", "b2", "b3"]
+    again = ev.CachedEncoder(enc, cache_dir=tmp_path)  # a new run reads the store
+    enc.seen = []
+    v2 = again.encode(["b3", "a1", "b2", "b4"])
+    assert enc.seen == ["b4"] and again.n_encoded == 1
+    assert np.array_equal(v2[:3], v1[[3, 0, 1]]) and v2.dtype == np.float32
+    folder = tmp_path / "embeddings" / ev.fingerprint_key(enc.fingerprint)
+    assert json.loads((folder / "fingerprint.json").read_text())["fingerprint"] == enc.fingerprint
+    other = GoldEncoder(gold, fingerprint={"model": "toy", "demonstrations": []})
+    assert ev.CachedEncoder(other, cache_dir=tmp_path).vectors == {}
+
+
+def test_cache_survives_a_record_cut_short(tmp_path):
+    enc = GoldEncoder([1.0, 2.0, 3.0], fingerprint={"model": "toy"})
+    ev.CachedEncoder(enc, cache_dir=tmp_path).encode(["a0", "b1"])
+    store = next((tmp_path / "embeddings").iterdir()) / "vectors.bin"
+    with open(store, "ab") as f:
+        f.write(b"\x01" * 17)  # an interrupted append
+    cached = ev.CachedEncoder(enc, cache_dir=tmp_path)
+    assert len(cached.vectors) == 2
+    cached.encode(["b2"])
+    assert store.stat().st_size == 3 * (32 + 4 * 2)
+    assert np.array_equal(ev.CachedEncoder(enc, cache_dir=tmp_path).encode(["b2", "a0"]), enc.encode(["b2", "a0"]))
+
+
+def test_encoder_without_fingerprint_is_not_cached_on_disk(tmp_path):
+    enc = GoldEncoder([1.0, 2.0])
+    cached = ev.CachedEncoder(enc, cache_dir=tmp_path)
+    cached.encode(["a0", "b1"])
+    cached.encode(["a0"])  # remembered in memory
+    assert cached.dir is None and enc.calls == 1 and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- transfer
+def blobs(n, d=8, seed=0, margin=4.0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, d)).astype(np.float32) * 10 + 100  # badly scaled, like LLM states
+    x[:, 0] += margin * 10 * (2 * y - 1)
+    return x, y
+
+
+def test_transfer_protocols_are_deterministic_and_learn_a_separable_task():
+    x, y = blobs(80)
+    r1 = ev.inner_kfold(x, y, k=2)
+    assert r1 == ev.inner_kfold(x, y, k=2) and r1["acc"] == 1.0 and r1["n"] == 80
+    xt, yt = blobs(40, seed=1)
+    k1 = ev.kfold_then_test(x, y, xt, yt, k=2)
+    assert k1["acc"] == 1.0 and k1["f1"] == 1.0 and k1["C"] in ev.REGS_KFOLD
+    s = ev.split_eval(x, y, *blobs(40, seed=2), xt, yt)
+    assert s["acc"] == 1.0 and s["C"] in ev.REGS_SMALL
+
+
+def test_transfer_on_noise_is_near_chance():
+    x, y = blobs(200, margin=0.0)
+    assert 0.3 < ev.inner_kfold(x, y, k=2)["acc"] < 0.7
+
+
+def test_c_selection_breaks_ties_towards_the_smallest_c_like_senteval():
+    assert ev._best([0.5, 0.50001, 0.4], [1, 2, 4]) == (1, 0.5)
+
+
+def test_mrpc_uses_symmetric_pair_features_and_senteval_order():
+    # A paraphrase is a pair with equal vectors: learnable from [|u - v|, u * v].
+    pairs = {"train": ev.Pairs(["x y", "x y", "z", "q"] * 10, ["x y", "z", "z", "x y"] * 10,
+                               np.array([1, 0, 1, 0] * 10)),
+             "test": ev.Pairs(["q", "x y"], ["q", "q"], np.array([1, 0]))}
+    table = {"x y": [1.0, 0.0], "z": [0.0, 1.0], "q": [0.5, 0.5]}
+    out = ev.score_transfer("mrpc", pairs, lambda s: np.array([table[t] for t in s], np.float32), kfold=2)
+    assert out["acc"] == 1.0 and out["score"] == 1.0 and out["ntrain"] == 40
+    assert ev._senteval_order([2, 1, 1], [0, 1, 0]) == [2, 1, 0]
+
+
+# ---------------------------------------------------------------- errors and the CLI
+def test_bad_inputs_give_exact_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"^unknown task 'foo': choose sts, transfer, all, stsb-dev or names from sts12,"):
+        ev.parse_tasks("sts,foo")
+    with pytest.raises(ValueError, match=r"^no task given$"):
+        ev.parse_tasks(" , ")
+    with pytest.raises(ValueError, match=rf"^no evaluation data in {tmp_path} \(no sts/ folder there\): "
+                                         r"run `python data/download.py` or pass --data-dir$"):
+        ev.data_dir(tmp_path)
+    monkeypatch.setenv("SENTEMB_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="nowhere"):
+        ev.data_dir()
+    (tmp_path / "sts").mkdir()
+    with pytest.raises(ev.UserError, match=r"^missing data file .*sts-test.csv: run `python data/download.py`"):
+        ev.load_task("stsb", tmp_path)
+    (tmp_path / "sts" / "stsb").mkdir()
+    (tmp_path / "sts" / "stsb" / "sts-test.csv").write_text("g\tf\t2012\t0\tfive\ta\tb\n")
+    with pytest.raises(ev.UserError, match=r"^malformed STS-B data under .*: could not convert string to float: 'five'$"):
+        ev.load_task("stsb", tmp_path)
+    with pytest.raises(ev.UserError, match=r"expected \"SENTENCE=>WORD\" or none"):
+        ev.parse_demonstrations(["no arrow here"])
+    assert ev.parse_demonstrations(["none"]) == [] and ev.parse_demonstrations(None) is None
+    assert ev.parse_demonstrations(["A man => B.=>Word"]) == [("A man => B.", "Word")]
+    assert ev.parse_tasks("STS12,sts,stsb-dev") == ev.STS + ["stsb-dev"]
+
+
+def test_cli_user_errors_are_one_line_and_exit_1(tmp_path, capsys):
+    assert ev.main(["--tasks", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("evaluate.py: error: unknown task 'nope'")
+    assert ev.main(["--data-dir", str(tmp_path), "--tasks", "sts"]) == 1
+    assert "no evaluation data in" in capsys.readouterr().err
+    assert ev.main(["--encoder", str(tmp_path), "--method", "mean", "--output", str(tmp_path / "r.json")]) == 1
+    assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_with_a_toy_encoder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sts" / "stsb").mkdir(parents=True)
+    gold = [0.5, 4.0, 2.5, 1.0, 3.0]
+    lines = [f"g\tf\t2012\t{i}\t{g}\ta{i}\tb{i}" for i, g in enumerate(gold)]
+    (tmp_path / "sts" / "stsb" / "sts-dev.csv").write_text("\n".join(lines) + "\n")
+    enc = GoldEncoder(gold, fingerprint={"model": "toy", "method": "eol", "demonstrations": []})
+    monkeypatch.setattr(ev, "build_encoder", lambda args: enc)
+    monkeypatch.setattr(ev, "git_commit", lambda: "0" * 40)
+    monkeypatch.setenv("SENTEMB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    assert ev.main(["--data-dir", str(tmp_path), "--tasks", "stsb-dev", "--output", str(out)]) == 0
+    assert "STS-B dev Spearman x100: 100.00" in capsys.readouterr().out
+    rec = json.loads(out.read_text())
+    assert rec["encoder"] == enc.fingerprint and rec["git_commit"] == "0" * 40
+    assert rec["summary_x100"] == {"STS-B dev": 100.0} and rec["sentences_encoded"] == 10
+    assert list(rec["data_files"]) == [os.path.join("sts", "stsb", "sts-dev.csv")]
+    assert ev.main(["--data-dir", str(tmp_path), "--tasks", "stsb-dev", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["sentences_encoded"] == 0  # all from the cache
+
+
+def test_tables_use_the_paper_layout():
+    summary = {"all": 0.5, "mean": 0.4, "wmean": 0.45}
+    results = {n: {"score": 0.5, "spearman": summary, "pearson": summary} for n in ev.STS}
+    text = ev.tables({**results, **{n: {"score": 0.8} for n in ev.TRANSFER[:2]}})
+    assert "  STS12   STS13   STS14   STS15   STS16   STS-B  SICK-R    Avg." in text
+    assert "     MR      CR\n  80.00   80.00" in text and text.count("Avg.") == 1
+
+
+def test_encoder_flag_checks_the_directory_first(tmp_path, capsys):
+    # The real model is checked by hand (README: all-MiniLM-L6-v2 row); importing
+    # sentence-transformers alone takes longer than this whole file.
+    assert ev.main(["--encoder", str(tmp_path), "--tasks", "stsb-dev", "--output", str(tmp_path / "r.json")]) == 1
+    assert capsys.readouterr().err == (f"evaluate.py: error: {tmp_path} is not a sentence-transformers "
+                                       "model directory (no modules.json)\n")
+
+
+def test_download_script_checksums_match_the_shared_data():
+    import hashlib
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("download", ev.REPO / "data" / "download.py")
+    dl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dl)
+    rows = [line.split() for line in dl.SHA256.strip().splitlines()]
+    assert len(rows) == 162 and {p.split("/")[0] for _, p in rows} == set(dl.SETS)
+    for sha, path in rows:
+        assert hashlib.sha256((DATA / path).read_bytes()).hexdigest() == sha, path
+        url, member = dl.source(path)
+        assert url.startswith("https://raw.githubusercontent.com/") and (member is None) == ("attribution" not in path)
