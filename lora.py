@@ -101,9 +101,7 @@ def _dequantized(base, dtype) -> nn.Linear:
     """A float nn.Linear copy of a bitsandbytes Linear4bit or Linear8bitLt."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
-    from model import unpack_4bit
     if isinstance(base, bnb.nn.Linear4bit):
-        unpack_4bit(base)                       # dequantize_4bit reads the plain NF4 layout
         w = dequantize_4bit(base.weight.data, base.weight.quant_state)
     else:                                       # Linear8bitLt: the row scales move to .state at the first forward
         scb = base.weight.SCB if base.weight.SCB is not None else base.state.SCB

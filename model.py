@@ -457,7 +457,10 @@ def _quantizer(bits, dtype, device):
                                   compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
             q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
-            q.register_forward_pre_hook(_unpack_if_grad)
+            # bitsandbytes 0.50 repacks a CPU weight in place for a bf16 inference kernel at the
+            # first eval-mode forward; that kernel has no backward and the repacking has no exact
+            # inverse, so a frozen QLoRA base would drift between evaluation and training. Off.
+            q.support_avx512bf16_for_cpu = False
         else:
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     has_fp16_weights=False, device="meta")
@@ -468,26 +471,6 @@ def _quantizer(bits, dtype, device):
         # misleading "quantization state not initialized" assertion.
         return q.to(device)
     return quantize
-
-
-def unpack_4bit(lin):
-    """Undo bitsandbytes' CPU repacking of a Linear4bit's weight (0.50: done in place by the first
-    eval-mode forward whose input needs no grad). Its packed kernel has no backward, so gradients
-    through it would be silently dropped: the forward pre-hook above unpacks when grads must flow."""
-    w = lin.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as inverse
-        w.data, w.quant_state = inverse(w.data, w.quant_state)
-        lin.quant_state = w.quant_state
-
-
-def _unpack_if_grad(lin, args):
-    if args[0].requires_grad:
-        unpack_4bit(lin)
-
-
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def weight_bytes(model) -> int:

@@ -427,14 +427,9 @@ def evaluate_and_keep_best(run: Run) -> dict:
 
 
 def eval_mode(model):
-    """Dropout off -- but 4-bit layers stay in training mode: in eval mode bitsandbytes (0.50) repacks CPU
-    weights for its inference kernel, and model.unpack_4bit's way back is not exact (the frozen base would
-    drift a little at every evaluation)."""
-    model.eval()
-    for m in model.modules():
-        if type(m).__name__ == "Linear4bit":
-            m.train()
-    return model
+    """Dropout off for evaluation. (model.load turns off bitsandbytes' CPU repacking of 4-bit weights,
+    so the frozen base is bit-identical before and after an evaluation; a test checks it.)"""
+    return model.eval()
 
 
 def base_name(args):
@@ -501,7 +496,7 @@ def parser():
     p = argparse.ArgumentParser(description="Supervised contrastive (SimCSE) QLoRA fine-tuning of a decoder LLM "
                                 "into a PromptEOL sentence embedder, with gradient caching and torchrun DDP.",
                                 epilog="Defaults are the paper's recipe except: the offline default model; the data "
-                                "(the partial NLI file unless SimCSE's is downloaded); a warmup cut to 10%% of the "
+                                "(the partial NLI file unless SimCSE's is downloaded); a warmup cut to 10% of the "
                                 "steps in runs under 1,000 steps; fp32 compute on CPU (the reference: fp16 mixed "
                                 "precision on GPUs). On a 2-core CPU a 256-triplet step of the default model takes "
                                 "minutes: --batch-size and --max-steps size a run to the time at hand.")
