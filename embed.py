@@ -258,8 +258,8 @@ def main(argv=None):
     ap.add_argument("--method", default="eol", choices=list(TEMPLATES), help="eol = PromptEOL (paper); prompt = "
                     "template without 'in one word'; last = last token, no template; mean = mean pooling")
     ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
-                    help="in-context demonstration (repeatable); default: the model's own from data/demonstrations.json")
-    ap.add_argument("--no-demonstration", action="store_true", help="use no demonstration at all")
+                    help="in-context demonstration (repeatable), or 'none'; default: the model's own "
+                         "from data/demonstrations.json")
     ap.add_argument("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -269,10 +269,11 @@ def main(argv=None):
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
     try:
-        if args.demonstration and args.no_demonstration:
-            raise ValueError("--demonstration and --no-demonstration contradict each other")
-        demos = ([] if args.no_demonstration else
-                 [parse_demonstration(d) for d in args.demonstration] if args.demonstration else "default")
+        given = args.demonstration or []
+        if "none" in [d.strip().lower() for d in given] and len(given) > 1:
+            raise ValueError("--demonstration none cannot be combined with other demonstrations")
+        demos = ("default" if not given else [] if given[0].strip().lower() == "none"
+                 else [parse_demonstration(d) for d in given])
         M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
         sentences = args.sentences or read_lines(args.input)
         check_output(args.output)

@@ -586,7 +586,7 @@ def main(argv=None) -> int:
         loaded = {n: load_task(n, root) for n in names}  # data errors surface before the model loads
         encoder = CachedEncoder(build_encoder(args), disk=not args.no_cache)
         results = score_tasks(encoder, loaded, args.kfold)
-    except (UserError, OSError) as e:  # OSError: e.g. an --output folder that cannot be made
+    except (ValueError, OSError) as e:  # UserError, model.py's load errors; OSError: an unwritable --output
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

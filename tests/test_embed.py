@@ -156,7 +156,8 @@ def test_cli_stdin_error_is_one_line_in_a_real_process():
     (["--output", "{tmp}/nodir/x.npy", "a"], None, "its folder does not exist"),
     (["--output", "{tmp}/x.csv", "a"], None, "use a .npy, .safetensors or .jsonl"),
     (["--model", "no-such-model", "a"], None, "unknown model 'no-such-model'"),
-    (["--demonstration", "x=>y", "--no-demonstration", "a"], None, "contradict"),
+    (["--demonstration", "x=>y", "--demonstration", "none", "a"], None, "cannot be combined"),
+    (["--demonstration", "no arrow", "a"], None, "must look like 'SENTENCE=>WORD'"),
 ])
 def test_cli_errors_are_one_line(tiny_llama, tmp_path, args, stdin, message, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
