@@ -82,8 +82,8 @@ class Embedder:
                  adapter: str | None = None):
         if method not in TEMPLATES:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(TEMPLATES)}")
-        if demonstrations == "default":
-            demonstrations = default_demonstrations(model) if method == "eol" else []
+        if demonstrations == "default":  # a fine-tuned (adapter) model is used without ICL, as in the paper
+            demonstrations = default_demonstrations(model) if method == "eol" and not adapter else []
         demonstrations = [tuple(d) for d in (demonstrations or [])]
         if demonstrations and method != "eol":
             raise ValueError(f"demonstrations need the 'eol' template, not method {method!r}")
@@ -259,7 +259,7 @@ def main(argv=None):
                     "template without 'in one word'; last = last token, no template; mean = mean pooling")
     ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
                     help="in-context demonstration (repeatable), or 'none'; default: the model's own "
-                         "from data/demonstrations.json")
+                         "from data/demonstrations.json (none with --adapter)")
     ap.add_argument("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -97,6 +97,15 @@ def test_mean_pooling_ignores_padding_and_bos(tiny):
     np.testing.assert_allclose(got[1], h[keep].mean(0).numpy(), atol=1e-5, rtol=0)
 
 
+def test_default_demonstration_is_the_aliases_own_but_not_with_an_adapter(tiny, monkeypatch):
+    monkeypatch.setattr(E, "default_demonstrations", lambda name: [("A man is smoking.", "Smoking")])
+    assert E.Embedder(tiny).demonstrations == [("A man is smoking.", "Smoking")]
+    assert E.Embedder(tiny, method="mean").demonstrations == []
+    import lora
+    monkeypatch.setattr(lora, "load_adapter", lambda model, path: model)
+    assert E.Embedder(tiny, adapter="some/adapter").demonstrations == []
+
+
 def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="unknown method 'cls'"):
         E.Embedder(tiny, method="cls")
