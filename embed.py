@@ -84,7 +84,7 @@ class Embedder:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(TEMPLATES)}")
         if demonstrations == "default":  # a fine-tuned (adapter) model is used without ICL, as in the paper
             demonstrations = default_demonstrations(model) if method == "eol" and not adapter else []
-        demonstrations = [tuple(d) for d in (demonstrations or [])]
+        demonstrations = demonstrations or []
         if demonstrations and method != "eol":
             raise ValueError(f"demonstrations need the 'eol' template, not method {method!r}")
         if max_tokens < 1 or batch_size < 1:
@@ -109,8 +109,8 @@ class Embedder:
         # The cached prefix stops at the last whitespace before the sentence slot
         # (`...This sentence :`), a boundary no BPE merge crosses in practice; each
         # sentence's full prompt is tokenized whole and checked to start with it.
-        head = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
-        head += self.template.split("*sent_0*")[0]
+        self.demo_text = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
+        head = self.demo_text + self.template.split("*sent_0*")[0]
         self.prefix_text = head[:head.rfind(" ")] if " " in head else ""
         self.prefix_ids = self.tok.encode(self.prefix_text) if self.prefix_text else []
         self._past = None
@@ -134,8 +134,7 @@ class Embedder:
             sentence = self.tok.decode(ids[:self.max_tokens])
         if self.method in ("eol", "prompt"):
             sentence = preprocess(sentence)
-        demos = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
-        return demos + self.template.replace("*sent_0*", sentence), cut
+        return self.demo_text + self.template.replace("*sent_0*", sentence), cut
 
     def tokenize(self, sentences):
         """-> list of (prompt ids after the cached prefix, or full ids if it doesn't match, uses_prefix)."""
