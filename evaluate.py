@@ -436,6 +436,13 @@ def _senteval_order(*keys):
     return sorted(range(len(keys[0])), key=lambda i: tuple(k[i] for k in keys))
 
 
+def pair_features(u, v):
+    """MRPC's probe input [u, v, |u - v|, u * v] (B, 4H), as the issue asks and as SentEval does for
+    SICK-E/SNLI. SentEval's own mrpc.py uses only [|u - v|, u * v]; with that, MRPC accuracies can
+    differ from papers run through SentEval by a point or so."""
+    return np.concatenate([u, v, np.abs(u - v), u * v], axis=1)
+
+
 def score_transfer(name, splits, emb, kfold=10) -> dict:
     ntok = lambda sents: [len(s.split()) for s in sents]  # noqa: E731
     if name in BINARY:
@@ -448,11 +455,9 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
         tr, te = splits["train"], splits["test"]
         order = _senteval_order(ntok(tr.x), tr.y)
         out = kfold_then_test(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, kfold)
-    else:  # MRPC. SentEval's features are [|u - v|, u * v] (senteval/mrpc.py); [u, v, |u - v|,
-        # u * v] is its feature set for SICK-E/SNLI, not MRPC.
+    else:  # MRPC
         def features(p, order):
-            u, v = emb([p.a[i] for i in order]), emb([p.b[i] for i in order])
-            return np.concatenate([np.abs(u - v), u * v], axis=1)
+            return pair_features(emb([p.a[i] for i in order]), emb([p.b[i] for i in order]))
         tr, te = splits["train"], splits["test"]
         order = _senteval_order(ntok(tr.a), ntok(tr.b), tr.gold)
         xtr, xte = features(tr, order), features(te, range(len(te.gold)))
@@ -606,7 +611,7 @@ def main(argv=None) -> int:
                         "per-subset mean and size-weighted mean (wmean) also given, Spearman and Pearson",
             "stsb, sickr": "Spearman on the test split", "stsb-dev": "Spearman on STS-B dev",
             "transfer": f"sklearn LogisticRegression on standardized features, SentEval protocol, "
-                        f"kfold={args.kfold}, seed={SEED}; MRPC features [|u-v|, u*v]",
+                        f"kfold={args.kfold}, seed={SEED}; MRPC features [u, v, |u-v|, u*v]",
             "avg": "plain mean of the seven tasks of a group"},
         "data_dir": str(root),
         "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},

@@ -203,11 +203,13 @@ def test_c_selection_breaks_ties_towards_the_smallest_c_like_senteval():
     assert ev._best([0.5, 0.50001, 0.4], [1, 2, 4]) == (1, 0.5)
 
 
-def test_mrpc_uses_symmetric_pair_features_and_senteval_order():
-    # A paraphrase is a pair with equal vectors: learnable from [|u - v|, u * v].
+def test_mrpc_features_are_u_v_absdiff_product_in_senteval_order():
+    u, v = np.array([[1.0, -2.0]]), np.array([[3.0, 0.5]])
+    assert ev.pair_features(u, v).tolist() == [[1.0, -2.0, 3.0, 0.5, 2.0, 2.5, 3.0, -1.0]]
+    # A paraphrase is a pair with equal vectors: learnable from |u - v|.
     pairs = {"train": ev.Pairs(["x y", "x y", "z", "q"] * 10, ["x y", "z", "z", "x y"] * 10,
                                np.array([1, 0, 1, 0] * 10)),
-             "test": ev.Pairs(["q", "x y"], ["q", "q"], np.array([1, 0]))}
+             "test": ev.Pairs(["z", "x y"], ["z", "q"], np.array([1, 0]))}
     table = {"x y": [1.0, 0.0], "z": [0.0, 1.0], "q": [0.5, 0.5]}
     out = ev.score_transfer("mrpc", pairs, lambda s: np.array([table[t] for t in s], np.float32), kfold=2)
     assert out["acc"] == 1.0 and out["score"] == 1.0 and out["ntrain"] == 40
