@@ -1,11 +1,9 @@
 """A hand-written decoder for OPT and LLaMA checkpoints, loaded from safetensors.
 
-Everything a sentence embedder needs from a causal LM: the final hidden states
-(after the final norm / projection, what transformers returns as
-`hidden_states[-1]`), a key/value cache for a shared prompt prefix, and the LM
-head only when asked. Module names follow the Hugging Face checkpoints
-(`model.decoder.layers.0.self_attn.q_proj`, `model.layers.0.mlp.gate_proj`, ...)
-so checkpoint tensors and PEFT adapters map by name.
+Everything a sentence embedder needs from a causal LM: the final hidden states (after the final norm / projection,
+what transformers returns as `hidden_states[-1]`), a key/value cache for a shared prompt prefix, and the LM head
+only when asked. Module names follow the Hugging Face checkpoints (`model.decoder.layers.0.self_attn.q_proj`,
+`model.layers.0.mlp.gate_proj`, ...) so checkpoint tensors and PEFT adapters map by name.
 
     model, tok = load("smollm2-135m")
     ids, mask = tok.pad([tok.encode("A man plays a guitar.")])
@@ -24,11 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # Short names. The paper evaluates OPT 125M..66B and LLaMA-1 7B..30B.
-ALIASES = {**{f"opt-{s}": f"facebook/opt-{s}" for s in
-              ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
-           "llama-7b": "huggyllama/llama-7b", "llama-13b": "huggyllama/llama-13b",
-           "llama-30b": "huggyllama/llama-30b", "llama2-7b": "meta-llama/Llama-2-7b-hf",
-           "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+ALIASES = {**{f"opt-{s}": f"facebook/opt-{s}" for s in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
+           "llama-7b": "huggyllama/llama-7b", "llama-13b": "huggyllama/llama-13b", "llama-30b": "huggyllama/llama-30b",
+           "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
            "smollm2-135m": None}  # offline default: converted from a PyPI wheel (convert_gguf.py)
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -67,9 +63,8 @@ class Config:
                 raise ValueError(f"unsupported OPT activation {cfg['activation_function']!r} (only relu)")
             pre = cfg.get("do_layer_norm_before", True)
             h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-            return Config("opt", cfg["vocab_size"], h, cfg["num_hidden_layers"], nh, nh, h // nh,
-                          cfg["ffn_dim"], cfg["max_position_embeddings"],
-                          tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            return Config("opt", cfg["vocab_size"], h, cfg["num_hidden_layers"], nh, nh, h // nh, cfg["ffn_dim"],
+                          cfg["max_position_embeddings"], tie_word_embeddings=cfg.get("tie_word_embeddings", True),
                           attention_bias=cfg.get("enable_bias", True), mlp_bias=cfg.get("enable_bias", True),
                           pre_norm=pre, word_embed_proj_dim=cfg.get("word_embed_proj_dim", h),
                           # transformers drops the final LN of post-LN OPT (opt-350m)
@@ -103,8 +98,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):                                   # LLaMA: normalise in fp32, scale in x's dtype
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rotate_half(x):
@@ -120,8 +114,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, nh * hd, bias=b)
         self.k_proj = nn.Linear(c.hidden_size, nkv * hd, bias=b)
         self.v_proj = nn.Linear(c.hidden_size, nkv * hd, bias=b)
-        out = nn.Linear(nh * hd, c.hidden_size, bias=b)
-        setattr(self, "out_proj" if c.model_type == "opt" else "o_proj", out)  # HF names differ
+        setattr(self, "out_proj" if c.model_type == "opt" else "o_proj", nn.Linear(nh * hd, c.hidden_size, bias=b))
 
     def forward(self, x, mask, rope, past):
         B, T, _ = x.shape
@@ -135,13 +128,12 @@ class Attention(nn.Module):
         if past is not None:                                 # shared prefix: (1, nkv, P, hd) -> batch
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)                       # (B, nkv, P+T, hd)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
-        present = (k, v)
         # SDPA's fused kernels accumulate softmax in fp32, so fp16/bf16 stay safe.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            enable_gqa=c.num_key_value_heads != c.num_attention_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)                                            # (B, T, nh*hd)
         out = self.out_proj if c.model_type == "opt" else self.o_proj
-        return out(y), present
+        return out(y), (k, v)
 
 
 class OPTLayer(nn.Module):
@@ -157,12 +149,9 @@ class OPTLayer(nn.Module):
     def forward(self, x, mask, rope, past):
         pre = self.c.pre_norm             # opt-350m: post-LN, i.e. the norm comes after the residual add
         h, present = self.self_attn(self.self_attn_layer_norm(x) if pre else x, mask, rope, past)
-        x = x + h
-        if not pre:
-            x = self.self_attn_layer_norm(x)
+        x = x + h if pre else self.self_attn_layer_norm(x + h)
         h = self.fc2(F.relu(self.fc1(self.final_layer_norm(x) if pre else x)))
-        x = x + h
-        return (x if pre else self.final_layer_norm(x)), present
+        return (x + h if pre else self.final_layer_norm(x + h)), present
 
 
 class LlamaMLP(nn.Module):
@@ -218,31 +207,27 @@ class Decoder(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.config = c
-        self.model = nn.Module()
-        if c.model_type == "opt":
-            self.model.decoder = OPTDecoder(c)
-        else:
-            self.model = LlamaBackbone(c)
-        emb = self.embeddings()
-        self.lm_head = nn.Linear(emb.embedding_dim, c.vocab_size, bias=False)
+        # HF nests OPT one level deeper (model.decoder.layers.0...) than LLaMA (model.layers.0...)
+        self.model = nn.ModuleDict({"decoder": OPTDecoder(c)}) if c.model_type == "opt" else LlamaBackbone(c)
+        self.lm_head = nn.Linear(self.embeddings().embedding_dim, c.vocab_size, bias=False)
 
     def embeddings(self) -> nn.Embedding:
         return (self.model.decoder if self.config.model_type == "opt" else self.model).embed_tokens
 
     def forward(self, input_ids, attention_mask=None, past=None, use_cache=False):
-        """input_ids (B, T), attention_mask (B, T) with 1 for real tokens (left padding).
+        """input_ids (B, T), attention_mask (B, T) with 1 for real tokens (left padding) -> hidden states (B, T, H),
+        and this call's key/value cache too if use_cache.
 
-        `past`: the key/value cache of a shared, unpadded prefix of length P, as returned
-        by an earlier call with use_cache=True on a batch of one. The new tokens continue
-        it: their positions start at P, and every row sees the whole prefix.
-        Returns the final hidden states (B, T, H), and the cache if use_cache.
+        `past`: the cache of a shared, unpadded prefix of length P, as returned by an earlier use_cache=True call on
+        a batch of one. The new tokens continue it: their positions start at P, and every row sees the whole prefix.
         """
         c = self.config
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.bool()
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         P = 0 if past is None else past[0][0].shape[2]
+        if c.model_type == "opt" and P + T > c.max_position_embeddings:  # learned positions end; rotary ones don't
+            raise ValueError(f"sequence of {P + T} tokens exceeds this OPT model's "
+                             f"{c.max_position_embeddings} positions")
         # Positions count real tokens only, so a left-padded sentence gets exactly the
         # positions it would have alone (transformers' OPT does the same; pads get -1 -> clamped).
         pos = (P + mask.long().cumsum(-1) - 1).clamp(min=0)                  # (B, T)
@@ -250,23 +235,15 @@ class Decoder(nn.Module):
         # query keeps its own diagonal so no row is all -inf (its output is never used).
         causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
         attn = (causal & mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
-        if P:
-            attn = torch.cat([attn.new_ones(B, T, P), attn], dim=-1)
-        attn = attn[:, None]
-
+        attn = torch.cat([attn.new_ones(B, T, P), attn], dim=-1)[:, None]
+        d = self.model.decoder if c.model_type == "opt" else self.model
+        x = d.embed_tokens(input_ids)                 # (B, T, H); opt-350m: (B, T, 512) until project_in
+        rope = None
         if c.model_type == "opt":
-            if P + T > c.max_position_embeddings:  # learned positions end here; LLaMA's rotary ones don't
-                raise ValueError(f"sequence of {P + T} tokens exceeds this OPT model's "
-                                 f"{c.max_position_embeddings} positions")
-            d = self.model.decoder
-            x = d.embed_tokens(input_ids)
             if hasattr(d, "project_in"):
                 x = d.project_in(x)
             x = x + d.embed_positions(pos + c.position_offset)              # (B, T, H)
-            rope = None
         else:
-            d = self.model
-            x = d.embed_tokens(input_ids)                                   # (B, T, H)
             inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=x.device).float() / c.head_dim)
             ang = pos[:, None, :, None].float() * inv                       # (B, 1, T, hd/2)
             ang = torch.cat([ang, ang], dim=-1)                             # (B, 1, T, hd)
@@ -275,13 +252,12 @@ class Decoder(nn.Module):
         for i, layer in enumerate(d.layers):
             x, kv = layer(x, attn, rope, None if past is None else past[i])
             presents.append(kv)
-        if c.model_type == "opt":
-            if c.final_norm:
-                x = d.final_layer_norm(x)
-            if hasattr(d, "project_out"):
-                x = d.project_out(x)
-        else:
+        if c.model_type == "llama":
             x = d.norm(x)
+        elif c.final_norm:
+            x = d.final_layer_norm(x)
+        if hasattr(d, "project_out"):
+            x = d.project_out(x)
         return (x, presents) if use_cache else x
 
     def lm_logits(self, hidden):                             # (B, T, H) -> (B, T, V)
@@ -308,9 +284,8 @@ class Tokenizer:
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for i, s in enumerate(seqs):
-            if s:
-                ids[i, T - len(s):] = torch.tensor(s)
-                mask[i, T - len(s):] = 1
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
         return ids.to(device), mask.to(device)
 
 
@@ -323,16 +298,13 @@ def load_tokenizer(path: Path, c: Config) -> Tokenizer:
         # do, SmolLM2 doesn't); tokenizer_config's add_bos_token overrides it, as in transformers.
         probe = tok.encode("a", add_special_tokens=True).ids
         adds_bos = len(probe) > len(tok.encode("a", add_special_tokens=False).ids)
-        add_bos = tcfg.get("add_bos_token", adds_bos)
-        bos = probe[0] if adds_bos else c.bos_token_id
-    elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-        # The OPT repos ship only GPT-2 style vocab.json + merges.txt.
+        add_bos, bos = tcfg.get("add_bos_token", adds_bos), probe[0] if adds_bos else c.bos_token_id
+    elif (path / "vocab.json").exists() and (path / "merges.txt").exists():  # OPT repos: GPT-2 style BPE only
         tok = HFTok(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         vocab = json.loads((path / "vocab.json").read_text())
-        specials = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
-        tok.add_special_tokens(specials)
+        tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab])
         add_bos, bos = tcfg.get("add_bos_token", True), c.bos_token_id   # OPT prepends </s> (id 2)
     else:
         raise ValueError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt")
@@ -407,34 +379,32 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):   # no memory until a checkpoint tensor is assigned
         model = Decoder(c)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if c.tie_word_embeddings:
-        del expected["lm_head.weight"]
+    tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     quant = _quantizer(bits, dtype, device) if bits in (4, 8) else None
     seen, unexpected, misshaped = set(), [], []
     for name, t in read_checkpoint(path):
-        # Checkpoints saved from OPTModel (e.g. facebook/opt-*) lack the "model." prefix.
-        if not name.startswith(("model.", "lm_head.")):
+        if not name.startswith(("model.", "lm_head.")):  # saved from OPTModel (e.g. facebook/opt-*): no "model."
             name = "model." + name
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            seen.add(name); continue                  # a saved copy of the tied embedding
+        if name in tied:
+            continue                                  # a saved copy of the tied embedding
         if name not in expected:
-            unexpected.append(name); continue
+            unexpected.append(name)
+            continue
+        seen.add(name)                                # a mis-shaped tensor is reported as such, not as missing
         if tuple(t.shape) != tuple(expected[name]):
             misshaped.append(f"{name} {tuple(t.shape)} != {tuple(expected[name])}")
-            seen.add(name); continue                  # reported as mis-shaped, not as missing
+            continue
         mod_name, _, pname = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         setattr(mod, pname, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-        seen.add(name)
-        if quant and _is_block_linear(mod_name, mod) and not any(p.is_meta for p in mod.parameters()):
-            parent, _, child = mod_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quant(mod))   # quantize as we read
+        block_linear = isinstance(mod, nn.Linear) and ".layers." in mod_name  # QLoRA: not embeddings, norms, head
+        if quant and block_linear and not any(p.is_meta for p in mod.parameters()):  # weight and bias both read
+            model.set_submodule(mod_name, quant(mod))
     missing = sorted(set(expected) - seen)
     if missing or unexpected or misshaped:
-        parts = [f"{n} {k}: {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
-                 for k, v, n in (("missing", missing, len(missing)), ("unexpected", unexpected, len(unexpected)),
-                                 ("mis-shaped", misshaped, len(misshaped))) if v]
+        parts = [f"{len(v)} {k}: {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
+                 for k, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if v]
         raise ValueError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
     if c.tie_word_embeddings:
         model.lm_head.weight = model.embeddings().weight
@@ -442,30 +412,24 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     return model, load_tokenizer(path, c)
 
 
-def _is_block_linear(name: str, mod) -> bool:
-    """QLoRA quantizes the linears inside the decoder blocks, not embeddings, norms or the head."""
-    return isinstance(mod, nn.Linear) and ".layers." in name
-
-
 def _quantizer(bits, dtype, device):
     """bits -> function nn.Linear -> bitsandbytes Linear4bit (NF4, double quant) / Linear8bitLt."""
     import bitsandbytes as bnb
 
     def quantize(lin: nn.Linear):
+        n_in, n_out, bias, w = lin.in_features, lin.out_features, lin.bias is not None, lin.weight.data.cpu()
         if bits == 4:
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+            q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=dtype, compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
             # bitsandbytes 0.50 repacks a CPU weight in place for a bf16 inference kernel at the
             # first eval-mode forward; that kernel has no backward and the repacking has no exact
             # inverse, so a frozen QLoRA base would drift between evaluation and training. Off.
             q.support_avx512bf16_for_cpu = False
         else:
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, device="meta")
-            q.weight = bnb.nn.Int8Params(lin.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-        if lin.bias is not None:
+            q = bnb.nn.Linear8bitLt(n_in, n_out, bias=bias, has_fp16_weights=False, device="meta")
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        if bias:
             q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
         # .to(device) is what quantizes; without it the first forward fails with a
         # misleading "quantization state not initialized" assertion.
@@ -475,19 +439,12 @@ def _quantizer(bits, dtype, device):
 
 def weight_bytes(model) -> int:
     """Bytes held by parameters and buffers (4-bit weights count as their packed bytes)."""
-    seen, n = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t)); n += t.numel() * t.element_size()
-    for m in model.modules():  # NF4 absmax statistics live in quant_state, not in parameters
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}   # tied weights count once
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    for m in model.modules():  # NF4 statistics live in quant_state (nested: state2), not in parameters
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None:
-            n += sum(x.numel() * x.element_size() for x in _qs_tensors(qs))
+        while qs is not None:
+            stats = [t for t in (qs.absmax, getattr(qs, "code", None)) if isinstance(t, torch.Tensor)]
+            n += sum(t.numel() * t.element_size() for t in stats)
+            qs = getattr(qs, "state2", None)
     return n
-
-
-def _qs_tensors(qs):
-    out = [qs.absmax, getattr(qs, "code", None)]
-    if getattr(qs, "state2", None) is not None:
-        out += _qs_tensors(qs.state2)
-    return [t for t in out if isinstance(t, torch.Tensor)]
