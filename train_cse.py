@@ -1,23 +1,22 @@
 #!/usr/bin/env python
 """Supervised contrastive QLoRA fine-tuning: a decoder LLM becomes a sentence embedder.
 
-The recipe of Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models" (code:
-kongds/scaling_sentemb, ft_llm.py / train_llm.sh): SimCSE's supervised objective (Gao, Yao & Chen 2021)
-on NLI triplets (premise x, entailment x+, contradiction x-), every sentence embedded with PromptEOL, no
-demonstration: the last token's final hidden state of  This sentence : "<sentence>" means in one word:"
-Cosine / 0.05; x_i's positive is x+_i, its negatives every other x+ and every x- of the GLOBAL batch.
-QLoRA (Dettmers et al. 2023): frozen 4-bit NF4 base, LoRA r=64, alpha=16, dropout 0.05 on every linear
-of the blocks; AdamW lr 5e-4; one epoch; 256 triplets a batch, which took the authors 2-8 GPUs. Here:
+The recipe of Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models" (code: kongds/scaling_sentemb,
+ft_llm.py / train_llm.sh): SimCSE's supervised objective (Gao, Yao & Chen 2021) on NLI triplets (premise x, entailment
+x+, contradiction x-), every sentence embedded with PromptEOL, no demonstration: the last token's final hidden state of
+  This sentence : "<sentence>" means in one word:"
+Cosine / 0.05; x_i's positive is x+_i, its negatives every other x+ and every x- of the GLOBAL batch. QLoRA (Dettmers
+et al. 2023): frozen 4-bit NF4 base, LoRA r=64, alpha=16, dropout 0.05 on every linear of the blocks; AdamW lr 5e-4;
+one epoch; 256 triplets a batch, which took the authors 2-8 GPUs. Here:
 
-* Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
-  Setup"): embed the batch chunk by chunk WITHOUT a graph, remembering each chunk's random state; compute
-  the loss and its gradient with respect to the embeddings; re-run each chunk WITH a graph under the same
-  random state (the same LoRA dropout masks) and backpropagate the cached gradient. The gradients are
-  those of full-batch backpropagation, and peak memory follows --chunk-size, not --batch-size.
-* Many GPUs or machines: `torchrun --nproc_per_node N train_cse.py ...` (NCCL on GPUs, gloo on CPUs).
-  Embeddings are all-gathered, so every rank sees the global batch; all ranks compute the same loss, each
-  backpropagates through its own embeddings only, and one all-reduce SUMS the LoRA gradients (no
-  DistributedDataParallel wrapper: its averaging would divide the gradient by N).
+* Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): embed
+  the batch chunk by chunk WITHOUT a graph, remembering each chunk's random state; compute the loss and its gradient
+  with respect to the embeddings; re-run each chunk WITH a graph under the same random state (the same LoRA dropout
+  masks) and backpropagate the cached gradient: the gradients of full-batch backpropagation, with peak memory
+  following --chunk-size, not --batch-size.
+* Many GPUs or machines: `torchrun --nproc_per_node N train_cse.py ...` (NCCL on GPUs, gloo on CPUs). Embeddings are
+  all-gathered, so every rank sees the global batch; all ranks compute the same loss, each backpropagates through its
+  own embeddings only, and one all-reduce SUMS the LoRA gradients (no DistributedDataParallel: it would average them).
 
     python train_cse.py                                   # defaults: smollm2-135m, <data dir>/nli triplets
     python train_cse.py --batch-size 64 --max-steps 24    # a CPU-sized run
@@ -25,9 +24,9 @@ of the blocks; AdamW lr 5e-4; one epoch; 256 triplets a batch, which took the au
     python train_cse.py --resume runs/cse                 # continue exactly where a run stopped
     python evaluate.py --bits 4 --demonstration none --adapter runs/cse/final
 
---out gets log.jsonl (a JSON object per step, evaluation or event), checkpoint-<step>/ named by `latest`
-(adapter, optimizer, scheduler, random states, data position; written atomically), best/ (the best STS-B
-dev adapter), final/ (the last adapter, PEFT format) and summary.json.
+--out gets log.jsonl (a JSON object per step, evaluation or event), checkpoint-<step>/ named by `latest` (adapter,
+optimizer, scheduler, random states, data position; written atomically), best/ (the best STS-B dev adapter), final/
+(the last adapter, PEFT format) and summary.json.
 """
 from __future__ import annotations
 
@@ -76,10 +75,10 @@ def rank_world():
 
 # ----------------------------------------------------------------------------- data
 def read_triplets(path) -> tuple[list, list]:
-    """SimCSE csv (header sent0,sent1,hard_neg; more columns are ignored) -> (triplets, bad line numbers).
-    Malformed rows (wrong field count, an empty sentence) are SKIPPED and reported by line number: one
-    bad row should not cost a run over SimCSE's 275k rows. A wrong header, a csv error (such as an
-    unterminated quote that swallows the rest of the file) or a file with no valid row is refused."""
+    """SimCSE csv (header sent0,sent1,hard_neg; more columns are ignored) -> (triplets, bad line numbers). Malformed
+    rows (wrong field count, an empty sentence) are SKIPPED and reported by line number: one bad row should not cost a
+    run over SimCSE's 275k rows. A wrong header, a csv error (such as an unterminated quote that swallows the rest of
+    the file) or a file with no valid row is refused."""
     try:
         raw = Path(path).read_bytes()
         text = raw.decode("utf-8-sig")
@@ -92,8 +91,8 @@ def read_triplets(path) -> tuple[list, list]:
     try:
         header = [h.strip() for h in next(reader, [])]
         if not set(COLUMNS) <= set(header):
-            raise UserError(f"{path}: the header is {','.join(header) or 'empty'}; expected SimCSE's "
-                            f"{','.join(COLUMNS)}")
+            raise UserError(f"{path}: the header is {','.join(header) or 'empty'}; "
+                            f"expected SimCSE's {','.join(COLUMNS)}")
         cols, line = [header.index(c) for c in COLUMNS], reader.line_num + 1
         for row in reader:
             if row and (len(row) != len(header) or not all(row[c].strip() for c in cols)):
@@ -108,32 +107,19 @@ def read_triplets(path) -> tuple[list, list]:
     return triplets, bad
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resuming needs no state."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def tokenize(emb, sentences) -> tuple[list, int]:
-    """PromptEOL prompt ids, rendered by embed.Embedder.prompt exactly as at inference: the sentence cut
-    to max_tokens, the reference's clean-up, the template; full ids (inference reuses a prefix cache)."""
-    ids, cut = [], 0
-    for s in sentences:
-        text, c = emb.prompt(s)
-        ids.append(emb.tok.encode(text))
-        cut += c
-    return ids, cut
+    """PromptEOL prompt ids, rendered by embed.Embedder.prompt exactly as at inference (the sentence cut to
+    max_tokens, the reference's clean-up, the template); full ids (inference reuses a prefix cache). -> (ids, cut)"""
+    prompts = [emb.prompt(s) for s in sentences]                  # [(text, was the sentence cut?)]
+    return [emb.tok.encode(text) for text, _ in prompts], sum(cut for _, cut in prompts)
 
 
 def make_chunks(tok, ids, chunk_size, device) -> list:
-    """-> [(rows, ids, mask)]: sentences sorted longest first (the first chunk is the peak, and chunks
-    carry little padding), `chunk_size` per forward pass; rows are positions in the input list."""
+    """-> [(rows, ids, mask)]: sentences sorted longest first (the first chunk is the peak, and chunks carry little
+    padding), `chunk_size` per forward pass; rows are positions in the input list."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    chunks = []
-    for j in range(0, len(order), chunk_size):
-        rows = order[j:j + chunk_size]
-        t, m = tok.pad([ids[i] for i in rows], device=device)
-        chunks.append((torch.tensor(rows, device=device), t, m))
-    return chunks
+    groups = [order[j:j + chunk_size] for j in range(0, len(order), chunk_size)]
+    return [(torch.tensor(rows, device=device), *tok.pad([ids[i] for i in rows], device=device)) for rows in groups]
 
 
 # ----------------------------------------------------------------------------- loss
@@ -150,21 +136,18 @@ def contrastive_loss(z, temp: float):
     return F.cross_entropy(logits, torch.arange(len(x), device=z.device))
 
 
-def gather(local):
-    """All ranks' embeddings (rank order), so the loss sees the global batch. Our own slice is `local`
-    itself, which keeps its autograd graph (all_gather's copies have none) -- SimCSE's trick."""
-    rank, world = rank_world()
-    if world == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.detach().contiguous())
-    parts[rank] = local
-    return torch.cat(parts)
-
-
 def batch_loss(local, temp):
-    """local: this rank's (3b, H) embeddings, triplet-major (x_1, x+_1, x-_1, x_2, ...)."""
-    return contrastive_loss(gather(local).view(-1, 3, local.shape[-1]), temp)
+    """local: this rank's (3b, H) embeddings, triplet-major (x_1, x+_1, x-_1, x_2, ...). The loss sees all ranks'
+    embeddings (rank order), the global batch; our own slice is `local` itself, which keeps its autograd graph
+    (all_gather's copies have none) -- SimCSE's trick."""
+    rank, world = rank_world()
+    z = local
+    if world > 1:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        parts[rank] = local
+        z = torch.cat(parts)
+    return contrastive_loss(z.view(-1, 3, local.shape[-1]), temp)
 
 
 def assemble(parts, chunks):
@@ -185,10 +168,9 @@ def set_rng_state(state, device):
 
 
 def cached_step(model, chunks, temp, tick=lambda msg: None):
-    """One step's gradients by gradient caching (GradCache); returns the (global) loss. If the loss is
-    not finite, nothing is backpropagated. Gradients land in .grad: this rank's share, see sum_gradients."""
-    device = chunks[0][1].device
-    states, parts = [], []
+    """One step's gradients by gradient caching (GradCache); returns the (global) loss. If the loss is not finite,
+    nothing is backpropagated. Gradients land in .grad: this rank's share, see sum_gradients."""
+    device, states, parts = chunks[0][1].device, [], []
     with torch.no_grad():                                         # 1. embed every chunk, no graph
         for k, (_, ids, mask) in enumerate(chunks):
             states.append(rng_state(device))                      #    (CPU and CUDA generators)
@@ -196,21 +178,20 @@ def cached_step(model, chunks, temp, tick=lambda msg: None):
             tick(f"embed {k + 1}/{len(chunks)}")
     local = assemble(parts, chunks).requires_grad_()
     loss = batch_loss(local, temp)                                # 2. loss, d loss / d embeddings
-    if not torch.isfinite(loss):
-        return loss.detach()
-    loss.backward()                                               #    -> local.grad, nothing else
-    for k, ((rows, ids, mask), state) in enumerate(zip(chunks, states)):
+    if torch.isfinite(loss):
+        loss.backward()                                           #    -> local.grad, nothing else
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):              # 3. replay with the chunk's random
-            set_rng_state(state, device)                          #    state: same dropout masks
-            torch.autograd.backward(embed_chunk(model, ids, mask), local.grad[rows])
-        tick(f"backprop {k + 1}/{len(chunks)}")
+        for k, ((rows, ids, mask), state) in enumerate(zip(chunks, states)):
+            with torch.random.fork_rng(devices=devices):          # 3. replay with the chunk's random
+                set_rng_state(state, device)                      #    state: same dropout masks
+                torch.autograd.backward(embed_chunk(model, ids, mask), local.grad[rows])
+            tick(f"backprop {k + 1}/{len(chunks)}")
     return loss.detach()
 
 
 def plain_step(model, chunks, temp, tick=lambda msg: None):
-    """The same gradients by ordinary backpropagation: every chunk's graph is kept until one backward
-    (memory grows with the batch). Same chunks, same random stream, hence the same dropout masks."""
+    """The same gradients by ordinary backpropagation: every chunk's graph is kept until one backward (memory grows
+    with the batch). Same chunks, same random stream, hence the same dropout masks."""
     parts = []
     for k, (_, ids, mask) in enumerate(chunks):
         parts.append(embed_chunk(model, ids, mask))
@@ -222,20 +203,18 @@ def plain_step(model, chunks, temp, tick=lambda msg: None):
 
 
 def sum_gradients(params):
-    """Every rank computed the same global loss but backpropagated through its own embeddings only, so
-    the full gradient is the SUM of the ranks' gradients (one flat all-reduce)."""
-    if rank_world()[1] == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, torch.split(flat, [g.numel() for g in grads])):
-        p.grad = g.view_as(p)
+    """Every rank computed the same global loss, each through its own embeddings: the full gradient is the SUM."""
+    if rank_world()[1] > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(params, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
 
 def linear_warmup(warmup: int, total: int):
-    """transformers' get_linear_schedule_with_warmup (the reference's Trainer default): 0 -> lr over
-    `warmup` steps, then linearly down to 0 at `total`. Its first step runs at lr 0, as there."""
+    """transformers' get_linear_schedule_with_warmup (the reference's Trainer default): 0 -> lr over `warmup` steps,
+    then linearly down to 0 at `total`. Its first step runs at lr 0, as there."""
     return lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
 
 
@@ -248,8 +227,8 @@ class Position:
 
 
 def save_checkpoint(run):
-    """checkpoint-<step>/{adapter/, trainer.pt}: written to a temporary folder, renamed into place, then
-    the `latest` pointer is replaced atomically; older checkpoints are removed only after that."""
+    """checkpoint-<step>/{adapter/, trainer.pt}: written to a temporary folder, renamed into place, then the `latest`
+    pointer is replaced atomically; older checkpoints are removed only after that."""
     (rank, world), out, step = rank_world(), run.out, run.pos.step
     rngs = [rng_state(run.emb.device)] * world
     if world > 1:                                                 # every rank's random state
@@ -267,29 +246,16 @@ def save_checkpoint(run):
     os.replace(tmp, final)
     (out / "latest.tmp").write_text(final.name + "\n")
     os.replace(out / "latest.tmp", out / "latest")
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path) -> Path:
-    """--resume: a checkpoint folder, or a run folder whose `latest` names one."""
-    p = Path(path)
-    if (p / "latest").exists():
-        p = p / (p / "latest").read_text().strip()
-    if not (p / "trainer.pt").exists():
-        raise UserError(f"--resume {path}: no checkpoint there (expected a run folder with `latest`, "
-                        f"or a checkpoint-<step> folder)")
-    return p
+    for old in set(out.glob("checkpoint-*")) - {final}:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- training
 def setup_distributed(device: str | None):
     """torchrun sets WORLD_SIZE/LOCAL_RANK: NCCL with one GPU per rank, else gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if (device or "").startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is available")
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device not in (None, "cpu", "cuda"):
         raise UserError(f"--device {device}: under torchrun use cpu or cuda (rank i takes cuda:LOCAL_RANK)")
@@ -322,7 +288,13 @@ def prepare(args) -> Run:
     import evaluate
     from embed import Embedder
     rank, world = rank_world()
-    ckpt = find_checkpoint(args.resume) if args.resume else None
+    ckpt = Path(args.resume) if args.resume else None
+    if ckpt:                                       # a checkpoint folder, or a run folder whose `latest` names one
+        if (ckpt / "latest").exists():
+            ckpt = ckpt / (ckpt / "latest").read_text().strip()
+        if not (ckpt / "trainer.pt").exists():
+            raise UserError(f"--resume {args.resume}: no checkpoint there (expected a run folder with `latest`, "
+                            f"or a checkpoint-<step> folder)")
     out = Path(args.out or (ckpt.parent if ckpt else "runs/cse"))
     if not ckpt and any((out / f).exists() for f in ("log.jsonl", "latest", "final")):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -344,10 +316,10 @@ def prepare(args) -> Run:
     if args.warmup_steps is None:                  # the reference's 100 steps were 9% of its 1,077
         args.warmup_steps = min(100, math.ceil(0.1 * total))
     if rank == 0 and bad:
-        print(f"train_cse.py: {data}: skipped {len(bad)} malformed row(s) at line(s) "
-              f"{', '.join(map(str, bad[:20]))}{' ...' if len(bad) > 20 else ''} (all in log.jsonl)", file=sys.stderr)
-    meta = {"recipe": {k: getattr(args, k) for k in RECIPE}, "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
-            "data": str(data), "malformed_lines": bad}
+        print(f"train_cse.py: {data}: skipped {len(bad)} malformed row(s) at line(s) {', '.join(map(str, bad[:20]))}"
+              f"{' ...' if len(bad) > 20 else ''} (all in log.jsonl)", file=sys.stderr)
+    meta = {"recipe": {k: getattr(args, k) for k in RECIPE},
+            "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "data": str(data), "malformed_lines": bad}
     state = torch.load(ckpt / "trainer.pt", weights_only=True) if ckpt else None
     if state:                                      # checked before the (slow) model load
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {v})"
@@ -369,25 +341,26 @@ def prepare(args) -> Run:
     # AdamW as transformers' Trainer has it (betas 0.9/0.999, eps 1e-8), on the LoRA weights only
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(args.warmup_steps, total))
-    run = Run(args, out, emb, params, opt, sched, Position(), triplets, steps_per_epoch, total, meta)
-    if not state:
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank], emb.device)
+    else:
         for p in params if world > 1 else []:
             dist.broadcast(p.data, 0)
         torch.manual_seed(args.seed + rank)        # each rank its own dropout masks
-        return run
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    run.pos = Position(**state["position"])
-    set_rng_state(state["rng"][rank], emb.device)
-    return run
+    pos = Position(**state["position"]) if state else Position()
+    return Run(args, out, emb, params, opt, sched, pos, triplets, steps_per_epoch, total, meta)
 
 
 def train_step(run: Run, tick) -> dict:
     """One optimizer step on the next global batch; raises TrainingStopped before a non-finite update."""
     a, pos, (rank, world) = run.args, run.pos, rank_world()
     epoch, k = divmod(pos.step, run.steps_per_epoch)       # the data position follows from the step
+    # the shuffled order of an epoch is a pure function of (seed, epoch), so resuming needs no state
+    order = np.random.default_rng([a.seed, epoch]).permutation(len(run.triplets))
     B, b = a.batch_size, a.batch_size // world
-    mine = epoch_order(len(run.triplets), a.seed, epoch)[k * B:(k + 1) * B][rank * b:(rank + 1) * b]
+    mine = order[k * B:(k + 1) * B][rank * b:(rank + 1) * b]
     ids, cut = tokenize(run.emb, [s for i in mine for s in run.triplets[i]])
     chunks = make_chunks(run.emb.tok, ids, a.chunk_size, run.emb.device)
     t0 = time.perf_counter()
@@ -427,8 +400,8 @@ def evaluate_and_keep_best(run: Run) -> dict:
 
 
 def eval_mode(model):
-    """Dropout off for evaluation. (model.load turns off bitsandbytes' CPU repacking of 4-bit weights,
-    so the frozen base is bit-identical before and after an evaluation; a test checks it.)"""
+    """Dropout off for evaluation. (model.load turns off bitsandbytes' CPU repacking of 4-bit weights, so the frozen
+    base is bit-identical before and after an evaluation; a test checks it.)"""
     return model.eval()
 
 
@@ -438,10 +411,9 @@ def base_name(args):
 
 def train(args) -> dict:
     from tqdm import tqdm
-    device = setup_distributed(args.device)
-    args.device = str(device)
+    args.device = str(setup_distributed(args.device))
     run = prepare(args)
-    rank, a, out = rank_world()[0], run.args, run.out
+    (rank, world), a, out = rank_world(), run.args, run.out
     out.mkdir(parents=True, exist_ok=True)
 
     def log(record):
@@ -451,7 +423,7 @@ def train(args) -> dict:
 
     log({"event": "resume" if a.resume else "start", "step": run.pos.step, "args": vars(a), **run.meta,
          "triplets": len(run.triplets), "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total,
-         "world_size": rank_world()[1]})
+         "world_size": world})
     if rank == 0:
         print(f"{len(run.triplets)} triplets from {run.meta['data']}: {run.steps_per_epoch} steps of {a.batch_size} "
               f"per epoch; training steps {run.pos.step + 1}-{run.total} (warmup {a.warmup_steps}) -> {out}",
@@ -469,14 +441,13 @@ def train(args) -> dict:
             seconds.append(rec["seconds"])
             losses.append(rec["loss"])
             bar.update(1)
-            bar.set_postfix_str(f"loss {rec['loss']:.4f}, {np.mean(seconds):.1f} s/step")
             step = run.pos.step
             if a.eval_every and rank == 0 and (step % a.eval_every == 0 or step == run.total):
                 bar.set_postfix_str(f"step {step}: STS-B dev")
-                rec = evaluate_and_keep_best(run)
-                log(rec)
-                tqdm.write(f"step {step}: STS-B dev Spearman {100 * rec['stsb_dev']:.2f}{' (best)' * rec['best']}")
-                bar.set_postfix_str(f"loss {losses[-1]:.4f}, {np.mean(seconds):.1f} s/step")
+                ev = evaluate_and_keep_best(run)
+                log(ev)
+                tqdm.write(f"step {step}: STS-B dev Spearman {100 * ev['stsb_dev']:.2f}{' (best)' * ev['best']}")
+            bar.set_postfix_str(f"loss {rec['loss']:.4f}, {np.mean(seconds):.1f} s/step")
             if a.save_every and step % a.save_every == 0 and step < run.total:
                 save_checkpoint(run)
     summary = {"steps": run.pos.step, "steps_this_process": len(seconds),
@@ -488,6 +459,10 @@ def train(args) -> dict:
         lora.save_adapter(run.emb.model, out / "final", base_name(a))
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         log({"event": "done", **summary})
+        flag = {4: " --bits 4", 8: " --bits 8", 16: " --dtype bfloat16"}.get(a.bits, "")
+        print(f"done: {summary['steps']} steps, {summary['seconds_per_step']} s/step, peak RSS "
+              f"{summary['peak_rss_mb']} MB -> {summary['final']}\nevaluate: python evaluate.py --tasks sts "
+              f"--model {a.model}{flag} --demonstration none --adapter {summary['final']}")
     return summary
 
 
@@ -517,22 +492,19 @@ def parser():
     a("--no-grad-cache", action="store_true", help="plain backpropagation: keep every chunk's graph until one "
       "backward pass (same gradients, one forward pass less, but memory grows with the batch)")
     a("--epochs", type=int, default=1, help="passes over the data (default 1, paper)")
-    a("--max-steps", type=int, default=0, help="stop after this many steps; the learning-rate schedule ends "
-      "there (default 0 = all epochs)")
+    a("--max-steps", type=int, default=0, help="steps to run; the lr schedule ends there (default 0 = all epochs)")
     a("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4, paper)")
     a("--warmup-steps", type=int, help="linear warmup steps, then linear decay to 0 (the reference: 100 of its "
       "1,077 steps; default: 100, or 10%% of the steps if that is fewer, so short runs still reach the peak)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, the reference's Trainer)")
-    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (default 1.0, the reference's "
-      "Trainer default; 0 = no clipping)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (default 1.0, reference; 0 = off)")
     a("--temp", type=float, default=0.05, help="softmax temperature on cosine similarities (default 0.05)")
     a("--lora-r", type=int, default=64, help="LoRA rank (default 64)")
     a("--lora-alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
     a("--targets", default="all-linear", help="LoRA targets: all-linear (every linear of the blocks, QLoRA and "
       "the paper) or comma-separated layer names such as q_proj,v_proj")
-    a("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens before templating "
-      "(default 32, paper)")
+    a("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens before templating (default 32)")
     a("--seed", type=int, default=42, help="seed of the LoRA init, data order and dropout (default 42, reference)")
     a("--eval-every", type=int, default=50, help="STS-B dev Spearman every N steps and after the last one; the "
       "best adapter is kept in <out>/best (default 50, the reference's checkpoint interval; 0 = never)")
@@ -556,11 +528,10 @@ def check(args):
 
 
 def main(argv=None) -> int:
-    args, rank = parser().parse_args(argv), 0
+    args = parser().parse_args(argv)
     try:
         check(args)
-        summary = train(args)
-        rank = rank_world()[0]
+        train(args)
     except (ValueError, OSError, TrainingStopped) as e:       # UserError, evaluate's and model.py's errors
         if rank_world()[0] == 0:
             print(f"train_cse.py: error: {e}", file=sys.stderr)
@@ -571,11 +542,6 @@ def main(argv=None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0:
-        flag = {4: " --bits 4", 8: " --bits 8", 16: " --dtype bfloat16"}.get(args.bits, "")
-        print(f"done: {summary['steps']} steps, {summary['seconds_per_step']} s/step, peak RSS "
-              f"{summary['peak_rss_mb']} MB -> {summary['final']}\nevaluate: python evaluate.py --tasks sts "
-              f"--model {args.model}{flag} --demonstration none --adapter {summary['final']}")
     return 0
 
 
