@@ -3,21 +3,18 @@
 
 Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models", report:
 
-* STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of
-  the two sentence embeddings and the gold score -- no regressor is trained. For STS12-16
-  the number is SentEval's "all" setting as patched by SimCSE (whose evaluation PromptEOL
-  reuses): the subsets of a year are concatenated and ONE Spearman is computed over all
-  pairs. STS-B and SICK-R use their test split. Avg. is the mean of the seven.
-* Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression
-  probe on the frozen embeddings, following SentEval's protocol (see `inner_kfold`).
+* STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of the two
+  embeddings and the gold score, no regressor. STS12-16 use SentEval's "all" as patched by SimCSE
+  (whose evaluation PromptEOL reuses): ONE Spearman over a year's subsets concatenated. STS-B and
+  SICK-R use their test split. Avg. is the mean of the seven.
+* Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression probe on
+  the frozen embeddings, following SentEval's protocol (see `inner_kfold`).
 
     python evaluate.py --model smollm2-135m --tasks sts
     python evaluate.py --encoder DIR --tasks stsb-dev     # a sentence-transformers model
 
-Python API (icl.py and train_cse.py use it): `data_dir`, `stsb_dev(encoder, data=None)`,
-`evaluate(encoder, tasks, data=None)`, `CachedEncoder(encoder, cache_dir=None)`. An
-encoder is anything with `encode(list[str]) -> array [n, d]`; if it also has a
-JSON-serializable `.fingerprint`, CachedEncoder can keep its vectors on disk.
+An encoder is anything with `encode(list[str]) -> array [n, d]`; with a JSON-serializable
+`.fingerprint`, CachedEncoder keeps its vectors on disk (icl.py and train_cse.py use it too).
 """
 from __future__ import annotations
 
@@ -55,8 +52,7 @@ def data_dir(arg=None) -> pathlib.Path:
 
 # ----------------------------------------------------------------------------- loading
 @dataclass
-class Pairs:
-    """Sentence pairs with one gold value per pair (a 0-5 similarity, or MRPC's 0/1 label)."""
+class Pairs:  # sentence pairs with one gold value each (a 0-5 similarity, or MRPC's 0/1 label)
     a: list
     b: list
     gold: np.ndarray
@@ -64,8 +60,7 @@ class Pairs:
 
 
 @dataclass
-class Labeled:
-    """Single sentences with integer class labels."""
+class Labeled:  # single sentences with integer class labels
     x: list
     y: np.ndarray
     files: tuple = ()
@@ -196,18 +191,16 @@ def parse_tasks(spec) -> list:
 
 def load_task(name, root) -> dict:
     """The splits a task is scored on -- nothing else is read or encoded."""
+    split = {"stsb": ("test", load_stsb), "stsb-dev": ("dev", load_stsb), "sickr": ("test", load_sick)}
     try:
         if name in STS_SUBSETS:
             return load_sts_year(root, name)
-        if name in ("stsb", "stsb-dev"):
-            return {"test": load_stsb(root, "test")} if name == "stsb" else {"dev": load_stsb(root, "dev")}
-        if name == "sickr":
-            return {"test": load_sick(root, "test")}
+        if name in split:
+            return {split[name][0]: split[name][1](root, split[name][0])}
         if name in BINARY:
             return {"all": load_binary(root, name)}
-        if name == "sst2":
-            return {s: load_sst2(root, s) for s in ("train", "dev", "test")}
-        return {s: {"trec": load_trec, "mrpc": load_mrpc}[name](root, s) for s in ("train", "test")}
+        splits = ("train", "dev", "test") if name == "sst2" else ("train", "test")
+        return {s: {"sst2": load_sst2, "trec": load_trec, "mrpc": load_mrpc}[name](root, s) for s in splits}
     except UserError:
         raise
     except (ValueError, IndexError) as e:  # a bad number or label: a damaged file, not a bug
@@ -222,17 +215,14 @@ def fingerprint_key(fingerprint) -> str:
 
 
 class CachedEncoder:
-    """Wraps an encoder: deduplicates sentences, encodes the new ones in chunks, longest first
-    (similar lengths pad less; an out-of-memory batch fails at once; the progress bar's ETA errs
-    long), and, if the encoder has a `fingerprint`, keeps every vector on disk in
-    <cache>/embeddings/<fingerprint_key>/ ($SENTEMB_CACHE or ~/.cache/sentemb):
+    """Wraps an encoder: encodes only sentences it has not seen, in chunks, longest first (less
+    padding; an out-of-memory batch fails at once), and, if the encoder has a `fingerprint`, keeps
+    every vector in <$SENTEMB_CACHE or ~/.cache/sentemb>/embeddings/<fingerprint_key>/:
       fingerprint.json  the fingerprint and the vector size, for humans;
       vectors.bin       append-only records: sha256(sentence) (32 bytes) + float32[dim].
-    A run killed mid-write leaves at most a partial last record: readers ignore it and the next
-    append cuts it off, so an interrupted run loses only its last chunk. Appends hold an
-    exclusive flock, so parallel runs can share a cache. The fingerprint is read once, here: do
-    not wrap an encoder whose weights change under one fingerprint (a model being trained).
-    `n_encoded` counts the sentences sent to the wrapped encoder (the ICL search's work)."""
+    A killed run leaves at most a partial last record, which readers ignore and the next append
+    cuts off; appends hold an flock, so parallel runs can share a cache. The fingerprint is read
+    once: do not wrap a model being trained. `n_encoded` counts sentences actually encoded."""
 
     def __init__(self, encoder, cache_dir=None, disk=True, chunk_size=512):
         self.encoder, self.chunk_size, self.n_encoded = encoder, chunk_size, 0
@@ -512,9 +502,9 @@ def tables(results) -> str:
 
 
 def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+    try:  # None outside a git checkout
+        run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return run.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
