@@ -243,15 +243,20 @@ def cache_root(cache_dir=None) -> pathlib.Path:
 def smollm2_dir(cache_dir=None) -> pathlib.Path:
     """The converted SmolLM2-135M-Instruct directory, converting on first use only."""
     out = cache_root(cache_dir) / "models" / CACHE_NAME
+    env = os.environ.get("SENTEMB_SMOLLM2_GGUF")
     if (out / MARKER).is_file():   # the marker is written last, inside the renamed directory
-        return out
+        made, src = json.loads((out / MARKER).read_text()), pathlib.Path(env or ".").expanduser()
+        # $SENTEMB_SMOLLM2_GGUF naming another file than the cache was made from: convert again
+        same = src.is_file() and [made.get("source"), made.get("gguf_bytes")] == [str(src.resolve()), src.stat().st_size]
+        if not env or same:
+            return out
     gguf_path = find_gguf()
     # A killed conversion leaves its ~0.5 GB temporary directory behind; one untouched for an
     # hour is no concurrent run's (a conversion takes seconds), so reclaim the space.
     for stale in out.parent.glob(f".{CACHE_NAME}.*-*") if out.parent.is_dir() else []:
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
-    if out.exists():   # not ours (no marker), yet in our cache's namespace: replace it
+    if out.exists() and not (out / MARKER).is_file():   # not ours, yet in our cache's namespace: replace it
         shutil.rmtree(out)
     return convert(gguf_path, out)
 

@@ -141,6 +141,19 @@ def test_cache_is_reused(cache, monkeypatch):
     assert cg.smollm2_dir(cache_dir=root) == path
 
 
+def test_cache_from_another_gguf_is_converted_again(cache, tmp_path, monkeypatch):
+    root, path = cache
+    calls = []
+    monkeypatch.setattr(cg, "convert", lambda g, out: calls.append(g) or out)
+    monkeypatch.setenv("SENTEMB_SMOLLM2_GGUF", str(_gguf()))          # the file the cache came from
+    assert cg.smollm2_dir(cache_dir=root) == path and calls == []
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    monkeypatch.setenv("SENTEMB_SMOLLM2_GGUF", str(other))
+    assert cg.smollm2_dir(cache_dir=root) == path and calls == [other]
+    assert (path / cg.MARKER).is_file()   # the old conversion stays until a new one replaces it
+
+
 def test_incomplete_cache_is_not_taken(tmp_path, monkeypatch):
     # What a killed conversion leaves behind is a temporary dir beside the target, never the
     # target; a target without our marker (some other tool's) is replaced, not returned.
