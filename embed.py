@@ -74,6 +74,14 @@ def _adapter_hash(adapter):
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
 
 
+def _weights_id(path):
+    """Cheap identity of a model directory's files (name, size, mtime): weights replaced at the
+    same path, or a re-converted default model, make a new encoder for the embedding cache."""
+    files = sorted(f for f in Path(path).iterdir() if f.suffix in (".json", ".safetensors", ".bin"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+
+
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
@@ -99,7 +107,8 @@ class Embedder:
         self.template = TEMPLATES[method]
         self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
         self.fingerprint = {
-            "model": model, "adapter": adapter, "adapter_sha256": _adapter_hash(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
+            "model": model, "weights": _weights_id(self.model.source), "adapter": adapter,
+            "adapter_sha256": _adapter_hash(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
             "method": method, "template": self.template, "max_tokens": max_tokens, "version": 1}
         self._set_demonstrations(demonstrations)
 

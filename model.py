@@ -409,6 +409,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     if c.tie_word_embeddings:
         model.lm_head.weight = model.embeddings().weight
     model.eval().requires_grad_(False)
+    model.source = path          # the resolved directory (embed.py fingerprints its files)
     return model, load_tokenizer(path, c)
 
 

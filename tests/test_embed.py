@@ -87,6 +87,16 @@ def test_with_demonstrations_shares_the_model(tiny):
     assert base.prefix_ids != other.prefix_ids and base.demonstrations == []
 
 
+def test_fingerprint_changes_when_the_weights_at_the_same_path_change(tiny_llama, tmp_path):
+    # The embedding cache is keyed by the fingerprint: new weights at an old path must not hit it.
+    d = tmp_path / "m"
+    __import__("shutil").copytree(tiny_llama, d)
+    before = E.Embedder(str(d)).fingerprint
+    assert E.Embedder(str(d)).fingerprint == before
+    save(hf_model(LLAMA_GQA), d)   # retrained in place
+    assert E.Embedder(str(d)).fingerprint != before
+
+
 def test_mean_pooling_ignores_padding_and_bos(tiny):
     e = E.Embedder(tiny, method="mean")
     got = e.encode(["a b c d e f", "a"])
