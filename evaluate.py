@@ -3,18 +3,17 @@
 
 Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models", report:
 
-* STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of the two
-  embeddings and the gold score, no regressor. STS12-16 use SentEval's "all" as patched by SimCSE
-  (whose evaluation PromptEOL reuses): ONE Spearman over a year's subsets concatenated. STS-B and
-  SICK-R use their test split. Avg. is the mean of the seven.
-* Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression probe on
-  the frozen embeddings, following SentEval's protocol (see `inner_kfold`).
+* STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of the two embeddings and the gold
+  score, no regressor. STS12-16 use SentEval's "all" as patched by SimCSE (whose evaluation PromptEOL reuses): ONE
+  Spearman over a year's subsets concatenated. STS-B and SICK-R use their test split. Avg. is the mean of the seven.
+* Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression probe on the frozen embeddings,
+  following SentEval's protocol (see `inner_kfold`).
 
     python evaluate.py --model smollm2-135m --tasks sts
     python evaluate.py --encoder DIR --tasks stsb-dev     # a sentence-transformers model
 
-An encoder is anything with `encode(list[str]) -> array [n, d]`; with a JSON-serializable
-`.fingerprint`, CachedEncoder keeps its vectors on disk (icl.py and train_cse.py use it too).
+An encoder is anything with `encode(list[str]) -> array [n, d]`; with a JSON-serializable `.fingerprint`, CachedEncoder
+keeps its vectors on disk (icl.py and train_cse.py use it too).
 """
 from __future__ import annotations
 
@@ -67,8 +66,8 @@ class Labeled:  # single sentences with integer class labels
 
 
 def _lines(path, encoding="utf-8"):
-    # A "line" is a str.splitlines() line (data/README.md); that also drops the "\r" of the
-    # CRLF files (SICK test). Blank lines are kept: CR and MPQA count them as sentences.
+    # A "line" is a str.splitlines() line (data/README.md); that also drops the "\r" of the CRLF files (SICK test).
+    # Blank lines are kept: CR and MPQA count them as sentences.
     try:
         return pathlib.Path(path).read_text(encoding=encoding).splitlines()
     except FileNotFoundError:
@@ -76,8 +75,7 @@ def _lines(path, encoding="utf-8"):
 
 
 def _rows(path, ncols, encoding="utf-8", header=False):
-    """TAB-separated fields. STS-B is split on TAB only: a quote-aware csv reader would
-    swallow the unbalanced quotes inside its sentences."""
+    # TAB-separated fields. STS-B is split on TAB only: a quote-aware csv reader would swallow its unbalanced quotes.
     rows = [line.split("\t") for line in _lines(path, encoding)[int(header):]]
     for i, row in enumerate(rows):
         if len(row) < ncols:
@@ -86,9 +84,15 @@ def _rows(path, ncols, encoding="utf-8", header=False):
 
 
 def _tok(s):
-    # SentEval splits every sentence on whitespace and the batcher joins the tokens with
-    # single spaces; doing the same here gives the encoder exactly the paper's strings.
+    # SentEval splits every sentence on whitespace and the batcher joins the tokens with single spaces; doing the same
+    # here gives the encoder exactly the paper's strings.
     return " ".join(s.split())
+
+
+def _pair_file(f, ncols, a, b, gold, cast=float, encoding="utf-8", header=False) -> Pairs:
+    """Pairs from the sentence columns a, b and the gold column of a TAB-separated file."""
+    rows = _rows(f, ncols, encoding, header)
+    return Pairs([_tok(r[a]) for r in rows], [_tok(r[b]) for r in rows], np.array([cast(r[gold]) for r in rows]), (f,))
 
 
 STS_SUBSETS = {  # SentEval's subset lists (STS13 without SMT, which is not public)
@@ -122,18 +126,12 @@ def load_sts_year(root, name) -> dict:
 
 def load_stsb(root, split) -> Pairs:
     """STS-B train/dev/test: genre, file, year, id, score, sentence1, sentence2."""
-    f = root / "sts" / "stsb" / f"sts-{split}.csv"
-    rows = _rows(f, 7)
-    return Pairs([_tok(r[5]) for r in rows], [_tok(r[6]) for r in rows],
-                 np.array([float(r[4]) for r in rows]), (f,))
+    return _pair_file(root / "sts" / "stsb" / f"sts-{split}.csv", 7, a=5, b=6, gold=4)
 
 
 def load_sick(root, split) -> Pairs:
     """SICK train/trial/test with the relatedness score (1-5) as gold."""
-    f = root / "sts" / "sick" / SICK_FILES[split]
-    rows = _rows(f, 4, header=True)
-    return Pairs([_tok(r[1]) for r in rows], [_tok(r[2]) for r in rows],
-                 np.array([float(r[3]) for r in rows]), (f,))
+    return _pair_file(root / "sts" / "sick" / SICK_FILES[split], 4, a=1, b=2, gold=3, header=True)
 
 
 def load_binary(root, name) -> Labeled:
@@ -160,17 +158,14 @@ def load_trec(root, split) -> Labeled:
 
 
 def load_mrpc(root, split) -> Pairs:
-    f = root / "transfer" / "mrpc" / f"msr_paraphrase_{split}.txt"
-    rows = _rows(f, 5, encoding="utf-8-sig", header=True)  # BOM, then Quality, #1 ID, #2 ID, #1, #2
-    return Pairs([_tok(r[3]) for r in rows], [_tok(r[4]) for r in rows],
-                 np.array([int(r[0]) for r in rows]), (f,))
+    f = root / "transfer" / "mrpc" / f"msr_paraphrase_{split}.txt"  # BOM, then Quality, #1 ID, #2 ID, #1, #2
+    return _pair_file(f, 5, a=3, b=4, gold=0, cast=int, encoding="utf-8-sig", header=True)
 
 
 STS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr"]
 TRANSFER = ["mr", "cr", "subj", "mpqa", "sst2", "trec", "mrpc"]
 TITLES = dict(zip(STS + TRANSFER + ["stsb-dev"],
-                  "STS12 STS13 STS14 STS15 STS16 STS-B SICK-R MR CR SUBJ MPQA SST-2 TREC MRPC".split()
-                  + ["STS-B dev"]))
+                  "STS12 STS13 STS14 STS15 STS16 STS-B SICK-R MR CR SUBJ MPQA SST-2 TREC MRPC".split() + ["STS-B dev"]))
 GROUPS = {"sts": STS, "transfer": TRANSFER, "all": STS + TRANSFER}
 
 
@@ -215,14 +210,14 @@ def fingerprint_key(fingerprint) -> str:
 
 
 class CachedEncoder:
-    """Wraps an encoder: encodes only sentences it has not seen, in chunks, longest first (less
-    padding; an out-of-memory batch fails at once), and, if the encoder has a `fingerprint`, keeps
-    every vector in <$SENTEMB_CACHE or ~/.cache/sentemb>/embeddings/<fingerprint_key>/:
+    """Wraps an encoder: encodes only sentences it has not seen, in chunks, longest first (less padding; an
+    out-of-memory batch fails at once), and, if the encoder has a `fingerprint`, keeps every vector in
+    <$SENTEMB_CACHE or ~/.cache/sentemb>/embeddings/<fingerprint_key>/:
       fingerprint.json  the fingerprint and the vector size, for humans;
       vectors.bin       append-only records: sha256(sentence) (32 bytes) + float32[dim].
-    A killed run leaves at most a partial last record, which readers ignore and the next append
-    cuts off; appends hold an flock, so parallel runs can share a cache. The fingerprint is read
-    once: do not wrap a model being trained. `n_encoded` counts sentences actually encoded."""
+    A killed run leaves at most a partial last record, which readers ignore and the next append cuts off; appends hold
+    an flock, so parallel runs can share a cache. The fingerprint is read once: do not wrap a model being trained.
+    `n_encoded` counts sentences actually encoded."""
 
     def __init__(self, encoder, cache_dir=None, disk=True, chunk_size=512):
         self.encoder, self.chunk_size, self.n_encoded = encoder, chunk_size, 0
@@ -246,14 +241,12 @@ class CachedEncoder:
             tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dim": self.dim}, indent=1, default=str))
             os.replace(tmp, meta)
         size = 32 + 4 * self.dim
-        records = np.concatenate([np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 32),
-                                  vecs.astype("<f4").view(np.uint8)], axis=1)
         with open(self.dir / "vectors.bin", "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             end = os.fstat(f.fileno()).st_size
             if end % size:  # a record cut short by an interrupted run
                 f.truncate(end - end % size)
-            f.write(records.tobytes())
+            f.write(b"".join(k + v.astype("<f4").tobytes() for k, v in zip(keys, vecs)))
 
     def encode(self, sentences, progress=False) -> np.ndarray:
         from tqdm import tqdm
@@ -286,19 +279,6 @@ def embed_all(encoder, sentences, progress=True):
     return lambda sents: matrix[[index[s] for s in sents]]
 
 
-def sentence_transformer(path, batch_size=None):
-    """A sentence-transformers model directory as an encoder (a peer baseline; it has no
-    fingerprint, so it is not disk-cached). sentence-transformers stays an optional dependency."""
-    if not (pathlib.Path(path) / "modules.json").is_file():
-        raise UserError(f"{path} is not a sentence-transformers model directory (no modules.json)")
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise UserError("--encoder needs sentence-transformers: pip install sentence-transformers") from None
-    model = SentenceTransformer(str(path))
-    return SimpleNamespace(encode=lambda sents: model.encode(list(sents), batch_size=batch_size or 64))
-
-
 # ----------------------------------------------------------------------------- STS
 def cosine(u, v):
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
@@ -315,9 +295,8 @@ def correlations(sys_scores, gold) -> dict:
 
 
 def aggregate(parts) -> dict:
-    """SentEval/SimCSE summaries of {subset: (system scores, gold)}: "all" = one correlation over
-    the concatenated subsets (the paper's number), "mean" and size-weighted "wmean" of the
-    per-subset correlations."""
+    """SentEval/SimCSE summaries of {subset: (system scores, gold)}: "all" = one correlation over the concatenated
+    subsets (the paper's number), "mean" and size-weighted "wmean" of the per-subset correlations."""
     subsets = {k: correlations(s, g) for k, (s, g) in parts.items()}
     pooled = correlations(np.concatenate([s for s, _ in parts.values()]),
                           np.concatenate([g for _, g in parts.values()]))
@@ -335,9 +314,8 @@ def score_sts(splits, emb) -> dict:
 
 
 def stsb_dev(encoder, data=None, indices=None) -> float:
-    """Spearman (a fraction, not x100) on STS-B dev, or on the dev pairs at `indices` -- the
-    paper's model-selection metric (demonstration search, checkpoints). Wrap the encoder in
-    CachedEncoder to reuse vectors across calls."""
+    """Spearman (a fraction, not x100) on STS-B dev, or on the dev pairs at `indices` -- the paper's model-selection
+    metric (demonstration search, checkpoints). Wrap the encoder in CachedEncoder to reuse vectors across calls."""
     dev = load_stsb(data_dir(data), "dev")
     if indices is not None:
         dev = Pairs([dev.a[i] for i in indices], [dev.b[i] for i in indices], dev.gold[list(indices)])
@@ -345,16 +323,14 @@ def stsb_dev(encoder, data=None, indices=None) -> float:
 
 
 # ----------------------------------------------------------------------------- transfer
-# Deviations from SentEval, whose paper numbers come from its PyTorch classifier (Adam,
-# weight decay chosen from 1e-5..1e-2, early stopping on a validation slice): we fit
-# scikit-learn's LogisticRegression (lbfgs) -- SentEval's own `usepytorch=False` option -- on
-# features standardized with training-part statistics, because raw LLM hidden states have a few
-# huge dimensions that make lbfgs crawl. SentEval's C grids (2^-2..2^3; 2^-1..2^5 for TREC and
-# MRPC) were set for raw features: on standardized ones every task picked the grid's smallest C,
-# and MRPC (2,304 features) overfit to 63.9%, below the 66.5% majority class. So one wider grid,
-# 4^-7..4^1, serves every classifier (measured on the default model: MRPC 72.8, TREC 90.0, the
-# chosen C now inside the grid). The C path is warm-started (same optimum up to tolerance,
-# several times faster). Folds, seeds and selection rules are SentEval's; results are deterministic.
+# Deviations from SentEval, whose paper numbers come from its PyTorch classifier (Adam, weight decay chosen from
+# 1e-5..1e-2, early stopping on a validation slice): we fit scikit-learn's LogisticRegression (lbfgs) -- SentEval's own
+# `usepytorch=False` option -- on features standardized with training-part statistics, because raw LLM hidden states
+# have a few huge dimensions that make lbfgs crawl. SentEval's C grids (2^-2..2^3; 2^-1..2^5 for TREC and MRPC) were set
+# for raw features: on standardized ones every task picked the grid's smallest C, and MRPC (2,304 features) overfit to
+# 63.9%, below the 66.5% majority class. So one wider grid, 4^-7..4^1, serves every classifier (measured on the default
+# model: MRPC 72.8, TREC 90.0, the chosen C now inside the grid). The C path is warm-started (same optimum up to
+# tolerance, several times faster). Folds, seeds and selection rules are SentEval's; results are deterministic.
 SEED = 1111                               # SentEval's default seed
 REGS = [4.0 ** t for t in range(-7, 2)]   # C (inverse L2 strength) from 6e-5 to 4
 
@@ -367,15 +343,12 @@ def _predict_path(xtr, ytr, xev, regs, seed=SEED):
     mu, sd = xtr.mean(0), xtr.std(0)
     sd[sd < 1e-8] = 1.0
     xtr, xev = (xtr - mu) / sd, (xev - mu) / sd
-    clf, preds = LogisticRegression(max_iter=1000, warm_start=True, random_state=seed), []
-    # One thread (BLAS and OpenMP): at these sizes threaded matrix-vector products and loss
-    # loops are overhead, and they spin-wait on a busy machine -- measured 10x slower on 2
-    # shared cores, with identical results.
+    clf = LogisticRegression(max_iter=1000, warm_start=True, random_state=seed)
+    # One thread (BLAS and OpenMP): at these sizes threaded matrix-vector products and loss loops are overhead, and they
+    # spin-wait on a busy machine -- measured 10x slower on 2 shared cores, with identical results.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in regs:
-            preds.append(clf.set_params(C=c).fit(xtr, ytr).predict(xev))
-    return preds
+        return [clf.set_params(C=c).fit(xtr, ytr).predict(xev) for c in regs]
 
 
 def _best(scores, regs):
@@ -393,9 +366,9 @@ def _choose_c(x, y, regs, k, seed):
 
 
 def inner_kfold(x, y, k=10, seed=SEED) -> dict:
-    """MR, CR, SUBJ, MPQA (SentEval's InnerKFoldClassifier): k stratified outer folds; on each
-    outer training part C is chosen by an inner k-fold CV, then the model is refit on that whole
-    part and tested on the held-out fold. Reported: mean test accuracy over the outer folds."""
+    """MR, CR, SUBJ, MPQA (SentEval's InnerKFoldClassifier): k stratified outer folds; on each outer training part C is
+    chosen by an inner k-fold CV, then the model is refit on that whole part and tested on the held-out fold. Reported:
+    mean test accuracy over the outer folds."""
     from sklearn.model_selection import StratifiedKFold
     dev, test = [], []
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
@@ -406,8 +379,7 @@ def inner_kfold(x, y, k=10, seed=SEED) -> dict:
 
 
 def kfold_then_test(xtr, ytr, xte, yte, k=10, seed=SEED) -> dict:
-    """TREC, MRPC (SentEval's KFoldClassifier): C by k-fold CV on train, refit on all of train,
-    accuracy on test."""
+    """TREC, MRPC (SentEval's KFoldClassifier): C by k-fold CV on train, refit on all of train, accuracy on test."""
     from sklearn.metrics import f1_score
     c, dev = _choose_c(xtr, ytr, REGS, k, seed)
     pred = _predict_path(xtr, ytr, xte, [c], seed)[0]
@@ -423,15 +395,15 @@ def split_eval(xtr, ytr, xdev, ydev, xte, yte, seed=SEED) -> dict:
 
 
 def _senteval_order(*keys):
-    # SentEval sorts samples (by token count, then label) before embedding them; with the same
-    # order, seed and scikit-learn version, our stratified folds hold the same samples as its.
+    # SentEval sorts samples (by token count, then label) before embedding them; with the same order, seed and
+    # scikit-learn version, our stratified folds hold the same samples as its.
     return sorted(range(len(keys[0])), key=lambda i: tuple(k[i] for k in keys))
 
 
 def pair_features(u, v):
-    """MRPC's probe input [u, v, |u - v|, u * v] (B, 4H), as the issue asks and as SentEval does for
-    SICK-E/SNLI. SentEval's own mrpc.py uses only [|u - v|, u * v]; with that, MRPC accuracies can
-    differ from papers run through SentEval by a point or so."""
+    """MRPC's probe input [u, v, |u - v|, u * v] (B, 4H), as the issue asks and as SentEval does for SICK-E/SNLI.
+    SentEval's own mrpc.py uses only [|u - v|, u * v]; with that, MRPC accuracies can differ from papers run through
+    SentEval by a point or so."""
     return np.concatenate([u, v, np.abs(u - v), u * v], axis=1)
 
 
@@ -448,12 +420,10 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
         order = _senteval_order(ntok(tr.x), tr.y)
         out = kfold_then_test(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, kfold)
     else:  # MRPC
-        def features(p, order):
-            return pair_features(emb([p.a[i] for i in order]), emb([p.b[i] for i in order]))
         tr, te = splits["train"], splits["test"]
         order = _senteval_order(ntok(tr.a), ntok(tr.b), tr.gold)
-        xtr, xte = features(tr, order), features(te, range(len(te.gold)))
-        out = kfold_then_test(xtr, tr.gold[order], xte, te.gold, kfold)
+        xtr = pair_features(emb([tr.a[i] for i in order]), emb([tr.b[i] for i in order]))
+        out = kfold_then_test(xtr, tr.gold[order], pair_features(emb(te.a), emb(te.b)), te.gold, kfold)
     return {"score": out["acc"], **out}
 
 
@@ -467,8 +437,7 @@ def score_tasks(encoder, loaded, kfold=10, progress=True) -> dict:
     for name, splits in (bar := tqdm(loaded.items(), desc="scoring", unit="task", disable=not progress)):
         bar.set_postfix_str(TITLES[name])
         t0 = time.time()
-        results[name] = score_sts(splits, emb) if name in STS + ["stsb-dev"] else \
-            score_transfer(name, splits, emb, kfold)
+        results[name] = score_transfer(name, splits, emb, kfold) if name in TRANSFER else score_sts(splits, emb)
         results[name]["seconds"] = round(time.time() - t0, 2)
     return results
 
@@ -494,8 +463,7 @@ def tables(results) -> str:
     if detail:  # the other two SentEval summaries, for comparison with papers that report them
         lines.append("STS12-16 x100       Spearman all/mean/wmean      Pearson all/mean/wmean")
         for n in detail:
-            r = results[n]
-            nums = [100 * r[m][a] for m in ("spearman", "pearson") for a in ("all", "mean", "wmean")]
+            nums = [100 * results[n][m][a] for m in ("spearman", "pearson") for a in ("all", "mean", "wmean")]
             lines.append(f"{TITLES[n]:<10} " + " ".join(f"{v:8.2f}" for v in nums))
         lines.append("")
     if "stsb-dev" in results:
@@ -527,18 +495,24 @@ def parse_demonstrations(values):
 
 
 def build_encoder(args):
-    if args.encoder:
+    if args.encoder:  # a sentence-transformers model: a peer baseline with no fingerprint, so not disk-cached
         llm_only = (args.model, args.method, args.demonstration, args.adapter, args.bits, args.dtype)
         if any(v is not None for v in llm_only):
             raise UserError("--encoder cannot be combined with --model/--method/--demonstration/--adapter/--bits/--dtype")
-        return sentence_transformer(args.encoder, args.batch_size)
+        if not (pathlib.Path(args.encoder) / "modules.json").is_file():
+            raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
+        try:  # sentence-transformers stays an optional dependency
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise UserError("--encoder needs sentence-transformers: pip install sentence-transformers") from None
+        model = SentenceTransformer(str(args.encoder))
+        return SimpleNamespace(encode=lambda sents: model.encode(list(sents), batch_size=args.batch_size or 64))
     try:
         from embed import Embedder  # lazy: torch and the model code load only when needed
     except ImportError as e:
         raise UserError(f"cannot import embed.py ({e}); --encoder DIR needs no embed.py") from None
     kwargs = dict(model=args.model or "smollm2-135m", method=args.method, adapter=args.adapter, bits=args.bits,
-                  dtype=args.dtype, batch_size=args.batch_size,
-                  demonstrations=parse_demonstrations(args.demonstration))
+                  dtype=args.dtype, batch_size=args.batch_size, demonstrations=parse_demonstrations(args.demonstration))
     try:
         return Embedder(**{k: v for k, v in kwargs.items() if v is not None})
     except (ValueError, FileNotFoundError) as e:  # unknown model, missing adapter ...
@@ -550,10 +524,9 @@ def parser():
     p.add_argument("--model", help="model alias or path for embed.Embedder (default: smollm2-135m)")
     p.add_argument("--method", choices=["eol", "prompt", "last", "mean"],
                    help="PromptEOL template, PromptBERT-style template, last token, mean pooling (default: eol)")
-    p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
-                   help="in-context demonstration placed before the template, e.g. "
-                        "\"A jockey riding a horse.=>Equestrian\"; repeat for several; 'none' for no "
-                        "demonstration (default: the model's own default)")
+    p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD", help="in-context demonstration "
+                   "placed before the template, e.g. \"A jockey riding a horse.=>Equestrian\"; repeat for several; "
+                   "'none' for no demonstration (default: the model's own default)")
     p.add_argument("--adapter", help="LoRA adapter directory (from train_cse.py)")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the base model quantized to 4 or 8 bits")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: embed.py's)")
