@@ -187,6 +187,7 @@ def test_transfer_protocols_are_deterministic_and_learn_a_separable_task():
     x, y = blobs(80)
     r1 = ev.inner_kfold(x, y, k=2)
     assert r1 == ev.inner_kfold(x, y, k=2) and r1["acc"] == 1.0 and r1["n"] == 80
+    assert len(r1["C"]) == 2 and set(r1["C"]) <= set(ev.REGS)   # the C each outer fold chose
     xt, yt = blobs(40, seed=1)
     k1 = ev.kfold_then_test(x, y, xt, yt, k=2)
     assert k1["acc"] == 1.0 and k1["f1"] == 1.0 and k1["C"] in ev.REGS
