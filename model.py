@@ -235,7 +235,7 @@ class Decoder(nn.Module):
         # query keeps its own diagonal so no row is all -inf (its output is never used).
         causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
         attn = (causal & mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
-        attn = torch.cat([attn.new_ones(B, T, P), attn], dim=-1)[:, None]
+        attn = (torch.cat([attn.new_ones(B, T, P), attn], dim=-1) if P else attn)[:, None]   # every row sees the prefix
         d = self.model.decoder if c.model_type == "opt" else self.model
         x = d.embed_tokens(input_ids)                 # (B, T, H); opt-350m: (B, T, 512) until project_in
         rope = None
