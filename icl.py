@@ -264,19 +264,12 @@ def cmd_candidates(args):
     elif args.source == "wordnet":
         cands = wordnet_candidates(args.data_dir, args.n, args.seed, args.max_definition_words, args.min_senses)
     else:
-        from embed import Embedder
-        demos = [parse_demo(d) for d in args.label_demonstration or []]
+        from embed import Embedder, parse_demonstration
+        demos = [parse_demonstration(d) for d in args.label_demonstration or []]
         emb = Embedder(args.model, demonstrations=demos, device=args.device, dtype=args.dtype)
         cands = self_candidates(emb, args.data_dir, args.n, args.seed, max_new_tokens=args.max_new_tokens)
     write_jsonl(args.out, cands)
     print(f"wrote {len(cands)} {args.source} candidates to {args.out}", file=sys.stderr)
-
-
-def parse_demo(text):
-    sentence, sep, word = text.rpartition("=>")
-    if not sep or not sentence.strip() or not word.strip():
-        raise ev.UserError(f"{text!r}: expected SENTENCE=>WORD")
-    return sentence.strip(), word.strip()
 
 
 def plan_search(n_candidates, data=None, start_pairs=100, eta=3.0, rounds=None, seed=0, dev_pairs=None):
