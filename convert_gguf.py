@@ -245,10 +245,11 @@ def smollm2_dir(cache_dir=None) -> pathlib.Path:
     out = cache_root(cache_dir) / "models" / CACHE_NAME
     env = os.environ.get("SENTEMB_SMOLLM2_GGUF")
     if (out / MARKER).is_file():   # the marker is written last, inside the renamed directory
-        made, src = json.loads((out / MARKER).read_text()), pathlib.Path(env or ".").expanduser()
+        if not env:
+            return out
         # $SENTEMB_SMOLLM2_GGUF naming another file than the cache was made from: convert again
-        same = src.is_file() and [made.get("source"), made.get("gguf_bytes")] == [str(src.resolve()), src.stat().st_size]
-        if not env or same:
+        made, src = json.loads((out / MARKER).read_text()), pathlib.Path(env).expanduser()
+        if src.is_file() and [made.get("source"), made.get("gguf_bytes")] == [str(src.resolve()), src.stat().st_size]:
             return out
     gguf_path = find_gguf()
     # A killed conversion leaves its ~0.5 GB temporary directory behind; one untouched for an
