@@ -512,7 +512,7 @@ def build_encoder(args):
         from embed import Embedder  # lazy: torch and the model code load only when needed
     except ImportError as e:
         raise UserError(f"cannot import embed.py ({e}); --encoder DIR needs no embed.py") from None
-    kwargs = dict(model=args.model or "smollm2-135m", method=args.method, adapter=args.adapter, bits=args.bits,
+    kwargs = dict(model=args.model, method=args.method, adapter=args.adapter, bits=args.bits,
                   dtype=args.dtype, batch_size=args.batch_size, demonstrations=parse_demonstrations(args.demonstration))
     try:
         return Embedder(**{k: v for k, v in kwargs.items() if v is not None})
