@@ -86,7 +86,7 @@ class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
     def __init__(self, model: str = M.DEFAULT_MODEL, method: str = "eol", demonstrations="default",
-                 max_tokens: int = 32, batch_size: int = 64, device=None, dtype=None, bits=None,
+                 max_tokens: int | None = None, batch_size: int = 64, device=None, dtype=None, bits=None,
                  adapter: str | None = None):
         if method not in TEMPLATES:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(TEMPLATES)}")
@@ -95,7 +95,7 @@ class Embedder:
         demonstrations = demonstrations or []
         if demonstrations and method != "eol":
             raise ValueError(f"demonstrations need the 'eol' template, not method {method!r}")
-        if max_tokens < 1 or batch_size < 1:
+        if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
             raise ValueError("max_tokens and batch_size must be positive")
         self.model, self.tok = M.load(model, dtype=dtype, device=device, bits=bits)
         if adapter:
@@ -105,6 +105,7 @@ class Embedder:
         self.device = self.model.embeddings().weight.device
         self.method, self.max_tokens, self.batch_size = method, max_tokens, batch_size
         self.template = TEMPLATES[method]
+        self.max_positions = self.model.config.max_position_embeddings
         self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
         self.fingerprint = {
             "model": model, "weights": _weights_id(self.model.source), "adapter": adapter,
@@ -135,10 +136,10 @@ class Embedder:
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, sentence: str) -> tuple[str, bool]:
-        """sentence -> (full prompt text, truncated?). The sentence itself is cut to
-        max_tokens before templating, so the template's end is never cut."""
-        ids = self.tok.encode(sentence, bos=False)
-        cut = len(ids) > self.max_tokens
+        """sentence -> (full prompt text, truncated?). Evaluation keeps the whole sentence, as the
+        paper does; with max_tokens set the sentence is cut before templating, never the template."""
+        ids = self.tok.encode(sentence, bos=False) if self.max_tokens else []
+        cut = len(ids) > (self.max_tokens or 0)
         if cut:
             sentence = self.tok.decode(ids[:self.max_tokens])
         if self.method in ("eol", "prompt"):
@@ -152,6 +153,9 @@ class Embedder:
             text, cut = self.prompt(s)
             self.stats["truncated"] += cut
             ids = self.tok.encode(text)
+            if len(ids) > self.max_positions:
+                raise ValueError(f"sentence {len(out)} needs {len(ids)} tokens with its prompt, more than the "
+                                 f"model's {self.max_positions} positions: pass --max-tokens N to cut sentences")
             hit = P > 0 and ids[:P] == self.prefix_ids and len(ids) > P
             out.append((ids[P:] if hit else ids, hit))
         return out
@@ -268,7 +272,8 @@ def main(argv=None):
     ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
                     help="in-context demonstration (repeatable), or 'none'; default: the model's own "
                          "from data/demonstrations.json (none with --adapter)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
+    ap.add_argument("--max-tokens", type=int, help="cut each sentence to this many tokens before templating "
+                    "(default: no cut, as in the paper's evaluation)")
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on GPU")

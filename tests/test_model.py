@@ -9,10 +9,10 @@ import model as M
 transformers = pytest.importorskip("transformers")
 
 OPT_PRE = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, ffn_dim=96,
-               num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)
 OPT_POST = dict(OPT_PRE, do_layer_norm_before=False, word_embed_proj_dim=32, hidden_size=64)  # opt-350m-like
 LLAMA_MHA = dict(model_type="llama", vocab_size=400, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, rope_theta=10000.0,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
                  tie_word_embeddings=True)
 LLAMA_GQA = dict(LLAMA_MHA, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, rope_theta=100000.0)
 CONFIGS = {"opt-pre-ln": OPT_PRE, "opt-post-ln-proj": OPT_POST, "llama-mha": LLAMA_MHA, "llama-gqa-untied": LLAMA_GQA}
