@@ -18,13 +18,11 @@ keeps its vectors on disk (icl.py and train_cse.py use it too).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -33,21 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent
-DOWNLOAD_HINT = "run `python data/download.py` or pass --data-dir"
-
-
-class UserError(ValueError):
-    """Something the user can fix (bad flag, missing data): printed as one line, no traceback."""
-
-
-def data_dir(arg=None) -> pathlib.Path:
-    """--data-dir if given, else $SENTEMB_DATA, else <repo>/data; it must contain sts/."""
-    path = pathlib.Path(arg or os.environ.get("SENTEMB_DATA") or REPO / "data").expanduser()
-    if not (path / "sts").is_dir():
-        raise UserError(f"no evaluation data in {path} (no sts/ folder there): {DOWNLOAD_HINT}")
-    return path
-
+from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, data_dir, fingerprint_key,  # noqa: F401
+                    git_commit, parse_demonstrations)
 
 # ----------------------------------------------------------------------------- loading
 @dataclass
@@ -203,74 +188,6 @@ def load_task(name, root) -> dict:
 
 
 # ----------------------------------------------------------------------------- encoding
-def fingerprint_key(fingerprint) -> str:
-    """sha256 of the canonical JSON of an encoder fingerprint: the cache folder's name."""
-    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class CachedEncoder:
-    """Wraps an encoder: encodes only sentences it has not seen, in chunks, longest first (less padding; an
-    out-of-memory batch fails at once), and, if the encoder has a `fingerprint`, keeps every vector in
-    <$SENTEMB_CACHE or ~/.cache/sentemb>/embeddings/<fingerprint_key>/:
-      fingerprint.json  the fingerprint and the vector size, for humans;
-      vectors.bin       append-only records: sha256(sentence) (32 bytes) + float32[dim].
-    A killed run leaves at most a partial last record, which readers ignore and the next append cuts off; appends hold
-    an flock, so parallel runs can share a cache. The fingerprint is read once: do not wrap a model being trained.
-    `n_encoded` counts sentences actually encoded."""
-
-    def __init__(self, encoder, cache_dir=None, disk=True, chunk_size=512):
-        self.encoder, self.chunk_size, self.n_encoded = encoder, chunk_size, 0
-        self.fingerprint = getattr(encoder, "fingerprint", None)
-        self.dir, self.dim, self.vectors = None, None, {}  # vectors: sha256 digest -> float32[dim]
-        if disk and self.fingerprint is not None:
-            root = pathlib.Path(cache_dir or os.environ.get("SENTEMB_CACHE") or "~/.cache/sentemb")
-            self.dir = root.expanduser() / "embeddings" / fingerprint_key(self.fingerprint)
-            if (self.dir / "vectors.bin").exists():
-                self.dim = json.loads((self.dir / "fingerprint.json").read_text())["dim"]
-                raw = np.fromfile(self.dir / "vectors.bin", dtype=np.uint8)
-                size = 32 + 4 * self.dim
-                raw = raw[: len(raw) // size * size].reshape(-1, size)
-                self.vectors = dict(zip((r.tobytes() for r in raw[:, :32]), raw[:, 32:].copy().view("<f4")))
-
-    def _append(self, keys, vecs):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "fingerprint.json"
-        if not meta.exists():  # written before any vector, atomically
-            tmp = self.dir / f"fingerprint.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dim": self.dim}, indent=1, default=str))
-            os.replace(tmp, meta)
-        size = 32 + 4 * self.dim
-        with open(self.dir / "vectors.bin", "ab") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            end = os.fstat(f.fileno()).st_size
-            if end % size:  # a record cut short by an interrupted run
-                f.truncate(end - end % size)
-            f.write(b"".join(k + v.astype("<f4").tobytes() for k, v in zip(keys, vecs)))
-
-    def encode(self, sentences, progress=False) -> np.ndarray:
-        from tqdm import tqdm
-        keys = [hashlib.sha256(s.encode()).digest() for s in sentences]
-        new = {k: s for k, s in zip(keys, sentences) if k not in self.vectors}
-        todo = sorted(new.items(), key=lambda kv: -len(kv[1]))
-        with tqdm(total=len(todo), desc="encoding", unit="sent", disable=not (progress and todo)) as bar:
-            for i in range(0, len(todo), self.chunk_size):
-                chunk = todo[i:i + self.chunk_size]
-                vecs = np.asarray(self.encoder.encode([s for _, s in chunk]), dtype=np.float32)
-                if vecs.ndim != 2 or len(vecs) != len(chunk) or vecs.shape[1] != (self.dim or vecs.shape[1]):
-                    raise RuntimeError(f"encoder returned shape {vecs.shape} for {len(chunk)} sentences; "
-                                       f"expected [n, {self.dim or 'd'}] (a stale cache? remove {self.dir})")
-                self.dim = vecs.shape[1]
-                if self.dir is not None:
-                    self._append([k for k, _ in chunk], vecs)
-                self.vectors.update(zip((k for k, _ in chunk), vecs))
-                self.n_encoded += len(chunk)
-                bar.update(len(chunk))
-        if not keys:
-            return np.zeros((0, self.dim or 0), np.float32)
-        return np.stack([self.vectors[k] for k in keys])
-
-
 def embed_all(encoder, sentences, progress=True):
     """Encode the unique sentences once; return lookup(list[str]) -> [n, d] array."""
     enc = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder, disk=False)
@@ -470,29 +387,6 @@ def tables(results) -> str:
     if "stsb-dev" in results:
         lines.append(f"STS-B dev Spearman x100: {100 * results['stsb-dev']['score']:.2f}")
     return "\n".join(lines).rstrip()
-
-
-def git_commit():
-    try:  # None outside a git checkout
-        run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return run.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def parse_demonstrations(values):
-    """None (flag absent): the model's default; ["none"]: no demonstration; else "SENTENCE=>WORD"."""
-    if values is None:
-        return None
-    if [v.strip().lower() for v in values] == ["none"]:
-        return []
-    demos = []
-    for v in values:
-        sentence, sep, word = v.rpartition("=>")
-        if not sep or not sentence.strip() or not word.strip():
-            raise UserError(f"--demonstration {v!r}: expected \"SENTENCE=>WORD\" or none")
-        demos.append((sentence.strip(), word.strip()))
-    return demos
 
 
 def build_encoder(args):

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import evaluate as ev
+from common import DOWNLOAD_HINT, CachedEncoder, UserError, data_dir, git_commit
 
 REPO = Path(__file__).resolve().parent
 DEFAULTS_FILE = REPO / "data" / "demonstrations.json"   # what embed.default_demonstrations reads
@@ -45,7 +46,7 @@ def paper_candidates(data=None) -> list[dict]:
     """The paper's 300 (kongds/scaling_sentemb icl_examples.txt): each line is a whole
     one-demonstration template with spaces written as `_`; the demonstration's sentence and
     word are inside its first two pairs of quotes."""
-    path = ev.data_dir(data) / "icl" / "icl_examples.txt"
+    path = data_dir(data) / "icl" / "icl_examples.txt"
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.replace("_", " ").split('"')
@@ -62,7 +63,7 @@ def wordnet_candidates(data=None, n=200, seed=0, max_definition_words=12, min_se
     proxy for a common word: frequent words are polysemous), a one-clause definition of
     3..max_definition_words words that does not give the word away (no definition word shares
     its first four letters). Then a seeded sample of n, one per word."""
-    path = ev.data_dir(data) / "dict" / "wordnet30_word_definitions.tsv.gz"
+    path = data_dir(data) / "dict" / "wordnet30_word_definitions.tsv.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]   # word pos sense_rank synset definition examples
     senses = Counter(r[0] for r in rows)
@@ -81,9 +82,9 @@ def wordnet_candidates(data=None, n=200, seed=0, max_definition_words=12, min_se
 
 def stsb_train_sentences(data=None) -> list[str]:
     """Unique STS-B train sentences as released (cased, untokenized, like the paper's picks)."""
-    path = ev.data_dir(data) / "sts_raw" / "stsb" / "sts-train.csv"
+    path = data_dir(data) / "sts_raw" / "stsb" / "sts-train.csv"
     if not path.is_file():
-        raise ev.UserError(f"missing {path}: {ev.DOWNLOAD_HINT}")
+        raise UserError(f"missing {path}: {DOWNLOAD_HINT}")
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
     return list(dict.fromkeys(s.strip() for r in rows if len(r) >= 7 for s in r[5:7] if s.strip()))
 
@@ -154,10 +155,10 @@ def read_candidates(paths) -> list[dict]:
             if line.strip():
                 c = json.loads(line)
                 if not (isinstance(c, dict) and c.get("sentence") and c.get("word")):
-                    raise ev.UserError(f"{p}:{n}: expected a JSON object with sentence, word, source")
+                    raise UserError(f"{p}:{n}: expected a JSON object with sentence, word, source")
                 out.setdefault((c["sentence"], c["word"]), {**c, "source": c.get("source", Path(p).stem)})
     if not out:
-        raise ev.UserError("no candidates in " + ", ".join(map(str, paths)))
+        raise UserError("no candidates in " + ", ".join(map(str, paths)))
     return list(out.values())
 
 
@@ -167,12 +168,12 @@ def schedule(n_candidates, n_pairs, start_pairs=100, eta=3.0, rounds=None) -> li
     ceil(n / eta^r) on start_pairs * eta^r pairs; the last round always uses all n_pairs.
     rounds=None runs until the pairs reach n_pairs; rounds=1 is brute force."""
     if eta <= 1 or start_pairs < 2:
-        raise ev.UserError("need --eta > 1 and --start-pairs >= 2")
+        raise UserError("need --eta > 1 and --start-pairs >= 2")
     start_pairs = min(start_pairs, n_pairs)
     if rounds is None:
         rounds = 1 + math.ceil(math.log(n_pairs / start_pairs, eta) - 1e-9)
     if rounds < 1:
-        raise ev.UserError("--rounds must be at least 1")
+        raise UserError("--rounds must be at least 1")
     return [(max(1, math.ceil(n_candidates / eta ** r)),
              n_pairs if r == rounds - 1 else min(n_pairs, round(start_pairs * eta ** r))) for r in range(rounds)]
 
@@ -219,7 +220,7 @@ class Scorer:
         key = json.dumps(self.demos(c))
         if key not in self.encoders:
             enc = self.base.with_demonstrations(self.demos(c))
-            self.encoders[key] = ev.CachedEncoder(enc, self.cache_dir, disk=self.disk)
+            self.encoders[key] = CachedEncoder(enc, self.cache_dir, disk=self.disk)
         enc = self.encoders[key]
         before = enc.n_encoded
         s = ev.stsb_dev(enc, self.data, idx)
@@ -274,7 +275,7 @@ def cmd_candidates(args):
 
 def plan_search(n_candidates, data=None, start_pairs=100, eta=3.0, rounds=None, seed=0, dev_pairs=None):
     """-> (STS-B dev, seeded pair order, pairs of the full set, rounds' schedule)."""
-    dev = ev.load_stsb(ev.data_dir(data), "dev")
+    dev = ev.load_stsb(data_dir(data), "dev")
     order = np.random.default_rng(seed).permutation(len(dev.gold))
     n_pairs = min(dev_pairs or len(order), len(order))
     return dev, order, n_pairs, schedule(n_candidates, n_pairs, start_pairs, eta, rounds)
@@ -314,8 +315,8 @@ def search(base, candidates, data=None, start_pairs=100, eta=3.0, rounds=None, s
 
 def cmd_search(args):
     if args.write_default and (args.dev_pairs or args.limit):
-        raise ev.UserError("--write-default needs the full dev set and all candidates: drop --dev-pairs/--limit")
-    ev.data_dir(args.data_dir)
+        raise UserError("--write-default needs the full dev set and all candidates: drop --dev-pairs/--limit")
+    data_dir(args.data_dir)
     candidates = read_candidates(args.candidates)[:args.limit]
     if args.dry_run:
         dev, order, n_pairs, plan = plan_search(len(candidates), args.data_dir, args.start_pairs, args.eta,
@@ -335,7 +336,7 @@ def cmd_search(args):
                 "seed": args.seed, "dev_pairs": res["dev_pairs"]}
     record = {"model": args.model, "encoder": base.fingerprint, "started": started, "settings": settings,
               "candidates": {str(p): sha256(p) for p in args.candidates}, "n_candidates": len(candidates),
-              "command": ["icl.py", *args.argv], "git_commit": ev.git_commit(), **res}
+              "command": ["icl.py", *args.argv], "git_commit": git_commit(), **res}
     out = Path(args.out or REPO / "runs" / f"icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
@@ -410,7 +411,7 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         (cmd_candidates if args.command == "candidates" else cmd_search)(args)
-    except (ev.UserError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"icl.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

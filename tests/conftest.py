@@ -1,4 +1,8 @@
-"""Shared test setup: data directory, CPU threads, deterministic seeds."""
+"""Shared test setup: where the full data sets are (if anywhere), fixtures, CPU threads, seeds.
+
+Unit tests read the small fixtures in tests/fixtures/. Tests that need a full data set take the
+`data_root` fixture (or the `needs_data` mark) and are skipped with one line when none is found:
+$SENTEMB_DATA (.ci/run points it at ../shared/data), else data/ filled by data/download.py."""
 import os
 import pathlib
 import sys
@@ -6,11 +10,33 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
-# The shared data sets live beside the checkout; the code finds them through this variable.
-os.environ.setdefault("SENTEMB_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _find_data():
+    for d in (os.environ.get("SENTEMB_DATA"), ROOT / "data"):
+        if d and (pathlib.Path(d) / "sts").is_dir():
+            return pathlib.Path(d)
+    return None
+
+
+DATA = _find_data()
+if DATA is not None:
+    os.environ["SENTEMB_DATA"] = str(DATA)
+else:
+    os.environ.pop("SENTEMB_DATA", None)
+NO_DATA = "no full data set: set SENTEMB_DATA or run `python data/download.py`"
+needs_data = pytest.mark.skipif(DATA is None, reason=NO_DATA)
+
+
+@pytest.fixture
+def data_root():
+    if DATA is None:
+        pytest.skip(NO_DATA)
+    return DATA
 
 
 @pytest.fixture(autouse=True)
