@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+# A spinning OpenMP thread steals the cores of a shared CPU: wait passively unless the user chose otherwise.
+# (Read when torch loads: every script imports this module before torch.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent
 DOWNLOAD_HINT = "run `python data/download.py` or pass --data-dir"
 
