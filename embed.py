@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import time
@@ -28,14 +27,15 @@ import numpy as np
 import torch
 
 import model as M
+from common import content_id, files_id, parse_demonstrations
 
-# The sentence goes where *sent_0* is (the reference code's placeholder).
+# The sentence goes where {sentence} is; the template and the pooling are separate choices.
 TEMPLATES = {
-    "eol": 'This sentence : "*sent_0*" means in one word:"',   # PromptEOL
-    "prompt": 'This sentence : "*sent_0*" means',              # PromptBERT-style, no "in one word"
-    "last": "*sent_0*",                                        # last token, no template
-    "mean": "*sent_0*",                                        # mean over real tokens, no template
+    "eol": 'This sentence : "{sentence}" means in one word:"',   # PromptEOL
+    "prompt": 'This sentence : "{sentence}" means',              # PromptBERT-style, no "in one word"
+    "none": "{sentence}",                                        # the bare sentence
 }
+POOLINGS = ("last", "mean")   # the last token's state (left padding), or the mean over the sentence's tokens
 DEMO_FORMAT = 'This sentence : "{sentence}" means in one word:"{word}".'
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"
 
@@ -45,16 +45,6 @@ def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
     table = json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
     d = table.get(model_name)
     return [(d["sentence"], d["word"])] if d else []
-
-
-def parse_demonstration(text: str) -> tuple[str, str]:
-    """'A jockey riding a horse.=>Equestrian' -> (sentence, word)."""
-    if "=>" not in text:
-        raise ValueError(f"demonstration {text!r} must look like 'SENTENCE=>WORD'")
-    s, w = text.rsplit("=>", 1)
-    if not s.strip() or not w.strip():
-        raise ValueError(f"demonstration {text!r} has an empty sentence or word")
-    return s.strip(), w.strip()
 
 
 def preprocess(s: str) -> str:
@@ -68,33 +58,33 @@ def preprocess(s: str) -> str:
     return s
 
 
-def _adapter_hash(adapter):
-    """Content hash of a local adapter, so a retrained adapter at the same path is a new encoder."""
-    files = sorted(Path(adapter).glob("adapter_model.*")) if adapter and Path(adapter).is_dir() else []
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
-
-
-def _weights_id(path):
-    """Cheap identity of a model directory's files (name, size, mtime): weights replaced at the
-    same path, or a re-converted default model, make a new encoder for the embedding cache."""
-    files = sorted(f for f in Path(path).iterdir() if f.suffix in (".json", ".safetensors", ".bin"))
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_tokens: int | None = None):
+    """-> (prompt text, was the sentence cut?). With max_tokens the sentence is cut before templating, so the
+    template's end is never cut; evaluation keeps the whole sentence, as the paper does."""
+    ids = tok.encode(sentence, bos=False) if max_tokens else []
+    cut = len(ids) > (max_tokens or 0)
+    if cut:
+        sentence = tok.decode(ids[:max_tokens])
+    if template != "none":
+        sentence = preprocess(sentence)
+    return demo_text + TEMPLATES[template].replace("{sentence}", sentence), cut
 
 
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
-    def __init__(self, model: str = M.DEFAULT_MODEL, method: str = "eol", demonstrations="default",
-                 max_tokens: int | None = None, batch_size: int = 64, device=None, dtype=None, bits=None,
-                 adapter: str | None = None):
-        if method not in TEMPLATES:
-            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(TEMPLATES)}")
+    def __init__(self, model: str = M.DEFAULT_MODEL, template: str = "eol", pooling: str = "last",
+                 demonstrations="default", max_tokens: int | None = None, batch_size: int = 64, device=None,
+                 dtype=None, bits=None, adapter: str | None = None):
+        if template not in TEMPLATES or pooling not in POOLINGS:
+            raise ValueError(f"unknown template {template!r} or pooling {pooling!r}: choose a template from "
+                             f"{', '.join(TEMPLATES)} and a pooling from {', '.join(POOLINGS)}")
         if demonstrations == "default":  # a fine-tuned (adapter) model is used without ICL, as in the paper
-            demonstrations = default_demonstrations(model) if method == "eol" and not adapter else []
+            paper = template == "eol" and pooling == "last" and not adapter
+            demonstrations = default_demonstrations(model) if paper else []
         demonstrations = demonstrations or []
-        if demonstrations and method != "eol":
-            raise ValueError(f"demonstrations need the 'eol' template, not method {method!r}")
+        if demonstrations and template != "eol":
+            raise ValueError(f"demonstrations need the 'eol' template, not {template!r}")
         if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
             raise ValueError("max_tokens and batch_size must be positive")
         self.model, self.tok = M.load(model, dtype=dtype, device=device, bits=bits)
@@ -103,14 +93,13 @@ class Embedder:
             lora.load_adapter(self.model, adapter)
             self.model.eval()
         self.device = self.model.embeddings().weight.device
-        self.method, self.max_tokens, self.batch_size = method, max_tokens, batch_size
-        self.template = TEMPLATES[method]
+        self.template, self.pooling, self.max_tokens, self.batch_size = template, pooling, max_tokens, batch_size
         self.max_positions = self.model.config.max_position_embeddings
         self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
         self.fingerprint = {
-            "model": model, "weights": _weights_id(self.model.source), "adapter": adapter,
-            "adapter_sha256": _adapter_hash(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
-            "method": method, "template": self.template, "max_tokens": max_tokens, "version": 1}
+            "model": model, "weights": files_id(self.model.source), "adapter": adapter,
+            "adapter_sha256": content_id(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
+            "template": TEMPLATES[template], "pooling": pooling, "max_tokens": max_tokens, "version": 2}
         self._set_demonstrations(demonstrations)
 
     def _set_demonstrations(self, demonstrations):
@@ -120,15 +109,15 @@ class Embedder:
         # (`...This sentence :`), a boundary no BPE merge crosses in practice; each
         # sentence's full prompt is tokenized whole and checked to start with it.
         self.demo_text = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
-        head = self.demo_text + self.template.split("*sent_0*")[0]
+        head = self.demo_text + TEMPLATES[self.template].split("{sentence}")[0]
         self.prefix_text = head[:head.rfind(" ")] if " " in head else ""
         self.prefix_ids = self.tok.encode(self.prefix_text) if self.prefix_text else []
         self._past = None
 
     def with_demonstrations(self, demonstrations) -> "Embedder":
         """A copy sharing the loaded model, with other demonstrations (for the ICL search)."""
-        if demonstrations and self.method != "eol":
-            raise ValueError(f"demonstrations need the 'eol' template, not method {self.method!r}")
+        if demonstrations and self.template != "eol":
+            raise ValueError(f"demonstrations need the 'eol' template, not {self.template!r}")
         other = copy.copy(self)
         other.stats = dict.fromkeys(self.stats, 0)
         other._set_demonstrations(demonstrations)
@@ -136,15 +125,7 @@ class Embedder:
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, sentence: str) -> tuple[str, bool]:
-        """sentence -> (full prompt text, truncated?). Evaluation keeps the whole sentence, as the
-        paper does; with max_tokens set the sentence is cut before templating, never the template."""
-        ids = self.tok.encode(sentence, bos=False) if self.max_tokens else []
-        cut = len(ids) > (self.max_tokens or 0)
-        if cut:
-            sentence = self.tok.decode(ids[:self.max_tokens])
-        if self.method in ("eol", "prompt"):
-            sentence = preprocess(sentence)
-        return self.demo_text + self.template.replace("*sent_0*", sentence), cut
+        return render(self.tok, sentence, self.template, self.demo_text, self.max_tokens)
 
     def tokenize(self, sentences):
         """-> list of (prompt ids after the cached prefix, or full ids if it doesn't match, uses_prefix)."""
@@ -190,7 +171,7 @@ class Embedder:
         for hit, idx in batches:
             ids, mask = self.tok.pad([items[i][0] for i in idx], device=self.device)
             h = self.model(ids, mask, past=self.prefix_cache() if hit else None)       # (B, T, H)
-            if self.method == "mean":
+            if self.pooling == "mean":
                 # Mean over the sentence's real tokens only: padding never counts, nor
                 # does BOS (an attention-sink token whose huge state would dominate).
                 m = mask if self.tok.bos_id is None else mask * (ids != self.tok.bos_id)
@@ -267,8 +248,10 @@ def main(argv=None):
                     help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: {M.DEFAULT_MODEL}, offline)")
     ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines are kept as rows")
     ap.add_argument("--output", help="write embeddings to .npy, .safetensors or .jsonl (rows in input order)")
-    ap.add_argument("--method", default="eol", choices=list(TEMPLATES), help="eol = PromptEOL (paper); prompt = "
-                    "template without 'in one word'; last = last token, no template; mean = mean pooling")
+    ap.add_argument("--template", default="eol", choices=list(TEMPLATES), help="eol = PromptEOL (paper); prompt = "
+                    "without 'in one word'; none = the bare sentence (default: eol)")
+    ap.add_argument("--pooling", default="last", choices=POOLINGS,
+                    help="last = the last token's state (paper); mean = mean over the sentence's tokens")
     ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
                     help="in-context demonstration (repeatable), or 'none'; default: the model's own "
                          "from data/demonstrations.json (none with --adapter)")
@@ -282,16 +265,13 @@ def main(argv=None):
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
     try:
-        given = args.demonstration or []
-        if "none" in [d.strip().lower() for d in given] and len(given) > 1:
-            raise ValueError("--demonstration none cannot be combined with other demonstrations")
-        demos = ("default" if not given else [] if given[0].strip().lower() == "none"
-                 else [parse_demonstration(d) for d in given])
+        demos = parse_demonstrations(args.demonstration)
+        demos = "default" if demos is None else demos
         M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
         sentences = args.sentences or read_lines(args.input)
         check_output(args.output)
-        emb = Embedder(args.model, args.method, demos, args.max_tokens, args.batch_size, args.device,
-                       args.dtype, args.bits, args.adapter)
+        emb = Embedder(args.model, args.template, args.pooling, demos, args.max_tokens, args.batch_size,
+                       args.device, args.dtype, args.bits, args.adapter)
         vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
         if args.output:
             write_output(args.output, sentences, vecs)

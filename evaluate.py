@@ -391,9 +391,9 @@ def tables(results) -> str:
 
 def build_encoder(args):
     if args.encoder:  # a sentence-transformers model: a peer baseline with no fingerprint, so not disk-cached
-        llm_only = (args.model, args.method, args.demonstration, args.adapter, args.bits, args.dtype)
+        llm_only = (args.model, args.template, args.pooling, args.demonstration, args.adapter, args.bits, args.dtype)
         if any(v is not None for v in llm_only):
-            raise UserError("--encoder cannot be combined with --model/--method/--demonstration/--adapter/--bits/--dtype")
+            raise UserError("--encoder cannot be combined with --model/--template/--pooling/--demonstration/--adapter/--bits/--dtype")
         if not (pathlib.Path(args.encoder) / "modules.json").is_file():
             raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
         try:  # sentence-transformers stays an optional dependency
@@ -406,7 +406,7 @@ def build_encoder(args):
         from embed import Embedder  # lazy: torch and the model code load only when needed
     except ImportError as e:
         raise UserError(f"cannot import embed.py ({e}); --encoder DIR needs no embed.py") from None
-    kwargs = dict(model=args.model, method=args.method, adapter=args.adapter, bits=args.bits,
+    kwargs = dict(model=args.model, template=args.template, pooling=args.pooling, adapter=args.adapter, bits=args.bits,
                   dtype=args.dtype, batch_size=args.batch_size, demonstrations=parse_demonstrations(args.demonstration))
     try:
         return Embedder(**{k: v for k, v in kwargs.items() if v is not None})
@@ -417,8 +417,9 @@ def build_encoder(args):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model alias or path for embed.Embedder (default: smollm2-135m)")
-    p.add_argument("--method", choices=["eol", "prompt", "last", "mean"],
-                   help="PromptEOL template, PromptBERT-style template, last token, mean pooling (default: eol)")
+    p.add_argument("--template", choices=["eol", "prompt", "none"],
+                   help="PromptEOL, PromptBERT-style (no 'in one word'), or the bare sentence (default: eol)")
+    p.add_argument("--pooling", choices=["last", "mean"], help="last token (default) or mean over the sentence")
     p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD", help="in-context demonstration "
                    "placed before the template, e.g. \"A jockey riding a horse.=>Equestrian\"; repeat for several; "
                    "'none' for no demonstration (default: the model's own default)")

@@ -265,8 +265,9 @@ def cmd_candidates(args):
     elif args.source == "wordnet":
         cands = wordnet_candidates(args.data_dir, args.n, args.seed, args.max_definition_words, args.min_senses)
     else:
-        from embed import Embedder, parse_demonstration
-        demos = [parse_demonstration(d) for d in args.label_demonstration or []]
+        from common import parse_demonstrations
+        from embed import Embedder
+        demos = parse_demonstrations(args.label_demonstration) or []
         emb = Embedder(args.model, demonstrations=demos, device=args.device, dtype=args.dtype)
         cands = self_candidates(emb, args.data_dir, args.n, args.seed, max_new_tokens=args.max_new_tokens)
     write_jsonl(args.out, cands)

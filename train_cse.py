@@ -330,7 +330,8 @@ def prepare(args) -> Run:
             raise UserError(f"--resume {ckpt}: settings differ from the run's: {'; '.join(changed)}")
 
     bits, dtype = {16: (None, "bfloat16"), 32: (None, "float32")}.get(args.bits, (args.bits, None))
-    emb = Embedder(args.model, "eol", [], args.max_tokens, 64, args.device, dtype, bits)   # no demonstration
+    emb = Embedder(args.model, demonstrations=[], max_tokens=args.max_tokens, device=args.device, dtype=dtype,
+                   bits=bits)
     torch.manual_seed(args.seed)                   # the same LoRA init on every rank
     if ckpt:
         lora.load_adapter(emb.model, ckpt / "adapter")

@@ -43,8 +43,8 @@ def test_prompt_with_demonstration_is_the_reference_string(tiny):
     assert text == ('This sentence : "A jockey riding a horse." means in one word:"Equestrian".'
                     'This sentence : "A man plays a guitar." means in one word:"')
     assert not cut
-    assert E.Embedder(tiny, method="prompt").prompt("Hi")[0] == 'This sentence : "Hi." means'
-    assert E.Embedder(tiny, method="last").prompt("Hi")[0] == "Hi"
+    assert E.Embedder(tiny, template="prompt").prompt("Hi")[0] == 'This sentence : "Hi." means'
+    assert E.Embedder(tiny, template="none").prompt("Hi")[0] == "Hi"
 
 
 def test_truncation_cuts_the_sentence_not_the_template(tiny):
@@ -57,9 +57,9 @@ def test_truncation_cuts_the_sentence_not_the_template(tiny):
     assert e.stats["truncated"] == 1
 
 
-@pytest.mark.parametrize("method", ["eol", "prompt", "last", "mean"])
-def test_batch_composition_never_changes_an_embedding(tiny, method):
-    e = E.Embedder(tiny, method=method, batch_size=3)
+@pytest.mark.parametrize("template,pooling", [("eol", "last"), ("prompt", "last"), ("none", "last"), ("none", "mean")])
+def test_batch_composition_never_changes_an_embedding(tiny, template, pooling):
+    e = E.Embedder(tiny, template=template, pooling=pooling, batch_size=3)
     together = e.encode(SENTS)
     alone = np.stack([e.encode([s])[0] for s in SENTS])
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
@@ -98,7 +98,7 @@ def test_fingerprint_changes_when_the_weights_at_the_same_path_change(tiny_llama
 
 
 def test_mean_pooling_ignores_padding_and_bos(tiny):
-    e = E.Embedder(tiny, method="mean")
+    e = E.Embedder(tiny, template="none", pooling="mean")
     got = e.encode(["a b c d e f", "a"])
     ids = e.tok.encode("a")
     with torch.no_grad():
@@ -110,19 +110,17 @@ def test_mean_pooling_ignores_padding_and_bos(tiny):
 def test_default_demonstration_is_the_aliases_own_but_not_with_an_adapter(tiny, monkeypatch):
     monkeypatch.setattr(E, "default_demonstrations", lambda name: [("A man is smoking.", "Smoking")])
     assert E.Embedder(tiny).demonstrations == [("A man is smoking.", "Smoking")]
-    assert E.Embedder(tiny, method="mean").demonstrations == []
+    assert E.Embedder(tiny, template="none", pooling="mean").demonstrations == []
     import lora
     monkeypatch.setattr(lora, "load_adapter", lambda model, path: model)
     assert E.Embedder(tiny, adapter="some/adapter").demonstrations == []
 
 
 def test_bad_arguments(tiny):
-    with pytest.raises(ValueError, match="unknown method 'cls'"):
-        E.Embedder(tiny, method="cls")
+    with pytest.raises(ValueError, match="unknown template 'cls'"):
+        E.Embedder(tiny, template="cls")
     with pytest.raises(ValueError, match="demonstrations need the 'eol' template"):
-        E.Embedder(tiny, method="mean", demonstrations=[("a", "b")])
-    with pytest.raises(ValueError, match="must look like 'SENTENCE=>WORD'"):
-        E.parse_demonstration("no arrow")
+        E.Embedder(tiny, template="none", pooling="mean", demonstrations=[("a", "b")])
     with pytest.raises(ValueError, match="not one string"):
         E.Embedder(tiny).encode("one string")
 
@@ -175,8 +173,8 @@ def test_cli_stdin_error_is_one_line_in_a_real_process():
     (["--output", "{tmp}/nodir/x.npy", "a"], None, "its folder does not exist"),
     (["--output", "{tmp}/x.csv", "a"], None, "use a .npy, .safetensors or .jsonl"),
     (["--model", "no-such-model", "a"], None, "unknown model 'no-such-model'"),
-    (["--demonstration", "x=>y", "--demonstration", "none", "a"], None, "cannot be combined"),
-    (["--demonstration", "no arrow", "a"], None, "must look like 'SENTENCE=>WORD'"),
+    (["--demonstration", "x=>y", "--demonstration", "none", "a"], None, "'none': expected \"SENTENCE=>WORD\" or none"),
+    (["--demonstration", "no arrow", "a"], None, "'no arrow': expected \"SENTENCE=>WORD\" or none"),
 ])
 def test_cli_errors_are_one_line(tiny_llama, tmp_path, args, stdin, message, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))

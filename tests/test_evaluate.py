@@ -249,7 +249,7 @@ def test_cli_user_errors_are_one_line_and_exit_1(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("evaluate.py: error: unknown task 'nope'")
     assert ev.main(["--data-dir", str(tmp_path), "--tasks", "sts"]) == 1
     assert "no evaluation data in" in capsys.readouterr().err
-    assert ev.main(["--encoder", str(tmp_path), "--method", "mean", "--output", str(tmp_path / "r.json")]) == 1
+    assert ev.main(["--encoder", str(tmp_path), "--pooling", "mean", "--output", str(tmp_path / "r.json")]) == 1
     assert "cannot be combined" in capsys.readouterr().err
 
 
