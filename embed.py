@@ -70,6 +70,16 @@ def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_t
     return demo_text + TEMPLATES[template].replace("{sentence}", sentence), cut
 
 
+@torch.inference_mode()
+def prompteol(model, tok, sentences, demonstrations=(), max_tokens=None) -> torch.Tensor:
+    """PromptEOL, the whole method in one batch: (n, H) final-norm hidden states of each prompt's last token.
+    The reference that Embedder.encode must equal; it adds a prefix cache, length sorting and batching."""
+    demo_text = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in demonstrations)
+    prompts = [render(tok, s, "eol", demo_text, max_tokens)[0] for s in sentences]
+    ids, mask = tok.pad([tok.encode(p) for p in prompts], device=model.embeddings().weight.device)  # left padding
+    return model(ids, mask)[:, -1]                                   # (B, T, H) -> (B, H): the last token
+
+
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
