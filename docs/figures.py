@@ -131,9 +131,8 @@ def training(log, out):
         ax2.set_ylabel("STS-B dev Spearman × 100", color="tab:red")
     else:
         title += " (no STS-B dev evaluations in this run's log)"
-    start = next((r for r in log if r.get("event") == "start"), None)
-    if start:
-        rec = start.get("recipe", {})
+    rec = next((r["recipe"] for r in log if r.get("event") == "start" and "recipe" in r), None)
+    if rec:
         title += f"\n{rec.get('model')}, {rec.get('batch_size')} triplets/step, lr {rec.get('lr')}"
     ax.set_title(title)
     fig.savefig(out, dpi=100)
@@ -151,13 +150,14 @@ def scaling(rows, out, paper=PAPER_POINTS):
     """Average STS against parameter count (log x) for rows [{"model", "params", "avg"}], with the
     paper's published OPT points beside them."""
     fig, ax = _figure(8, 5)
-    for points, style, name in [(paper, dict(marker="s", color="gray", ls="--"), "paper (Jiang et al. 2023)"),
-                                (rows, dict(marker="o", color="tab:red", ls="-", ms=9), "measured here")]:
+    series = [(paper, dict(marker="s", color="gray", ls="--"), "paper (Jiang et al. 2023)"),
+              (rows, dict(marker="o", color="tab:red", ls="-", ms=9), "measured here")]
+    for j, (points, style, name) in enumerate(series):
         points = sorted(points, key=lambda p: p["params"])
         ax.plot([p["params"] for p in points], [p["avg"] for p in points], label=name, **style)
-        for p in points:
-            ax.annotate(p["model"], (p["params"], p["avg"]), textcoords="offset points", xytext=(0, 8),
-                        ha="center", fontsize=8, color=style["color"])
+        for i, p in enumerate(points):   # labels alternately above and below, the two series out of step
+            ax.annotate(p["model"], (p["params"], p["avg"]), textcoords="offset points",
+                        xytext=(0, 8 if (i + j) % 2 == 0 else -15), ha="center", fontsize=8, color=style["color"])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(_count)
     ax.set_xlabel("parameters (log scale)")
@@ -183,6 +183,8 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=ROOT / "results", help="folder of the records (default results/)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNG files (default docs/)")
     a = p.parse_args(argv)
+    if not a.results.is_dir():
+        raise UserError(f"no folder {a.results}: pass --results with the folder of the JSON records")
     a.out.mkdir(parents=True, exist_ok=True)
     records = {f.stem: _read(f) for f in sorted(a.results.glob("*.json"))}
     sts_per_task(records, a.out / "sts_per_task.png")
