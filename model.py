@@ -28,12 +28,11 @@ ALIASES = {**{f"opt-{s}": f"facebook/opt-{s}" for s in ("125m", "350m", "1.3b", 
            "mistral-7b": "mistralai/Mistral-7B-v0.1", "qwen2-0.5b": "Qwen/Qwen2-0.5B", "qwen2-1.5b": "Qwen/Qwen2-1.5B",
            "qwen2-7b": "Qwen/Qwen2-7B", "smollm2-135m": None}  # offline default: converted from a PyPI wheel
 DEFAULT_MODEL = "smollm2-135m"
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")      # one architecture; they differ in biases and attention window
 
 
 @dataclass
 class Config:
-    model_type: str                  # "opt", or one of LLAMA_FAMILY
+    model_type: str                  # "opt", or the LLaMA architecture: "llama", "mistral", "qwen2"
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -60,8 +59,8 @@ class Config:
     def from_hf(cfg: dict) -> "Config":
         """A Hugging Face config.json (as a dict) -> Config. A missing required key raises KeyError."""
         t = cfg.get("model_type")
-        if t != "opt" and t not in LLAMA_FAMILY:
-            raise UserError(f"unsupported model_type {t!r}: sentemb supports opt, {', '.join(LLAMA_FAMILY)}")
+        if t not in ("opt", "llama", "mistral", "qwen2"):
+            raise UserError(f"unsupported model_type {t!r}: sentemb supports opt, llama, mistral and qwen2")
         act = cfg.get("activation_function", "relu") if t == "opt" else cfg.get("hidden_act", "silu")
         if act != ("relu" if t == "opt" else "silu"):
             raise UserError(f"unsupported {t} activation {act!r} (only {'relu' if t == 'opt' else 'silu'})")
@@ -74,11 +73,9 @@ class Config:
             bias, pre = cfg.get("enable_bias", True), cfg.get("do_layer_norm_before", True)
             return Config(**shared, num_key_value_heads=nh, head_dim=h // nh, intermediate_size=cfg["ffn_dim"],
                           max_position_embeddings=cfg["max_position_embeddings"],
-                          tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-                          attention_bias=bias, output_bias=bias, mlp_bias=bias, pre_norm=pre,
-                          word_embed_proj_dim=cfg.get("word_embed_proj_dim", h),
-                          # transformers drops the final LN of post-LN OPT (opt-350m)
-                          final_norm=pre and not cfg.get("_remove_final_layer_norm", False))
+                          tie_word_embeddings=cfg.get("tie_word_embeddings", True), attention_bias=bias,
+                          output_bias=bias, mlp_bias=bias, word_embed_proj_dim=cfg.get("word_embed_proj_dim", h),
+                          pre_norm=pre, final_norm=pre and not cfg.get("_remove_final_layer_norm", False))
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"unsupported rope scaling {rope} (only plain RoPE)")
@@ -86,12 +83,11 @@ class Config:
         return Config(**shared, num_key_value_heads=cfg.get("num_key_value_heads") or nh,
                       head_dim=cfg.get("head_dim") or h // nh, intermediate_size=cfg["intermediate_size"],
                       max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                      norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                      norm_eps=cfg.get("rms_norm_eps", 1e-6), sliding_window=window,
                       rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                      tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                      tie_word_embeddings=cfg.get("tie_word_embeddings", False), mlp_bias=cfg.get("mlp_bias", False),
                       attention_bias=t == "qwen2" or cfg.get("attention_bias", False),
-                      output_bias=t == "llama" and cfg.get("attention_bias", False),
-                      mlp_bias=cfg.get("mlp_bias", False), sliding_window=window)
+                      output_bias=t == "llama" and cfg.get("attention_bias", False))
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -165,14 +161,12 @@ class OPTLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    POSITION_OFFSET = 2                      # OPT's learned positions are shifted by 2 (fairseq legacy)
-
     def __init__(self, c: Config):
         super().__init__()
         self.c = c
         e = c.word_embed_proj_dim or c.hidden_size
         self.embed_tokens = nn.Embedding(c.vocab_size, e)
-        self.embed_positions = nn.Embedding(c.max_position_embeddings + self.POSITION_OFFSET, c.hidden_size)
+        self.embed_positions = nn.Embedding(c.max_position_embeddings + 2, c.hidden_size)   # see forward
         self.project_in = nn.Linear(e, c.hidden_size, bias=False) if e != c.hidden_size else None
         self.project_out = nn.Linear(c.hidden_size, e, bias=False) if e != c.hidden_size else None
         self.final_layer_norm = nn.LayerNorm(c.hidden_size) if c.final_norm else None
@@ -185,7 +179,7 @@ class OPTDecoder(nn.Module):
         x = self.embed_tokens(input_ids)                  # (B, T, E); E = 512 in opt-350m, else H
         if self.project_in is not None:
             x = self.project_in(x)                        # (B, T, H)
-        x = x + self.embed_positions(pos + self.POSITION_OFFSET)
+        x = x + self.embed_positions(pos + 2)            # OPT's learned positions start at 2 (fairseq legacy)
         presents = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if past is None else past[i])
@@ -198,29 +192,21 @@ class OPTDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- LLaMA, Mistral, Qwen2
-class LlamaMLP(nn.Module):
-    def __init__(self, c: Config):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-
-    def forward(self, x):                                   # SwiGLU
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class LlamaLayer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
+        h, i, b = c.hidden_size, c.intermediate_size, c.mlp_bias
         self.self_attn = Attention(c)
-        self.mlp = LlamaMLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = nn.ModuleDict(dict(gate_proj=nn.Linear(h, i, bias=b), up_proj=nn.Linear(h, i, bias=b),
+                                      down_proj=nn.Linear(i, h, bias=b)))
+        self.input_layernorm = RMSNorm(h, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, c.norm_eps)
 
     def forward(self, x, mask, past, cos_sin):
         h, present = self.self_attn(self.input_layernorm(x), mask, past, cos_sin)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        h, mlp = self.post_attention_layernorm(x), self.mlp
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)), present      # SwiGLU
 
 
 class LlamaModel(nn.Module):
@@ -255,12 +241,11 @@ class Decoder(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.config, self.source = c, None
-        # HF nests OPT one level deeper (model.decoder.layers.0...) than LLaMA (model.layers.0...)
         self.model = nn.ModuleDict({"decoder": OPTDecoder(c)}) if c.model_type == "opt" else LlamaModel(c)
         self.lm_head = nn.Linear(self.embeddings().embedding_dim, c.vocab_size, bias=False)
 
     @property
-    def body(self) -> OPTDecoder | LlamaModel:
+    def body(self) -> OPTDecoder | LlamaModel:        # HF nests OPT one level deeper: model.decoder.layers.0...
         return self.model.decoder if self.config.model_type == "opt" else self.model
 
     def embeddings(self) -> nn.Embedding:
@@ -268,11 +253,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, past=None, use_cache=False):
         """input_ids (B, T), attention_mask (B, T) with 1 for real tokens (left padding) -> hidden states (B, T, H),
-        and this call's key/value cache too if use_cache.
-
-        `past`: the cache of a shared, unpadded prefix of length P, as returned by an earlier use_cache=True call on
-        a batch of one. The new tokens continue it: their positions start at P, and every row sees the whole prefix.
-        """
+        and this call's key/value cache too if use_cache. `past`: an earlier use_cache=True call's cache of a shared,
+        unpadded prefix of P tokens; the new tokens continue it from position P, and every row sees all of it."""
         B, T = input_ids.shape
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         P = 0 if past is None else past[0][0].shape[2]
@@ -457,9 +439,8 @@ def quantize(lin: nn.Linear, bits, dtype, device):
         q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=dtype, compress_statistics=True,
                               quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-        # Otherwise bitsandbytes repacks a CPU weight in place for a bf16 inference kernel at the first
-        # eval-mode forward; that kernel has no backward and the repacking has no exact inverse, so a
-        # frozen QLoRA base would compute differently in evaluation and in training.
+        # Otherwise bitsandbytes repacks a CPU weight in place for a bf16 inference kernel at the first eval-mode
+        # forward: no backward, no exact inverse, so a QLoRA base would differ between evaluation and training.
         q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(n_in, n_out, bias=bias, has_fp16_weights=False, device="meta")
