@@ -1,7 +1,6 @@
-"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) checkpoints, loaded from safetensors:
-the final hidden states (transformers' `hidden_states[-1]`), a key/value cache for a shared prompt prefix, and the
-LM head only when asked. Module names follow the Hugging Face checkpoints (`model.decoder.layers.0.fc1`,
-`model.layers.0.mlp.gate_proj`, ...) so checkpoint tensors and PEFT adapters map by name.
+"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) safetensors checkpoints: the final hidden
+states (transformers' `hidden_states[-1]`), a key/value cache for a shared prompt prefix, the LM head when asked.
+Module names are Hugging Face's (`model.layers.0.mlp.gate_proj`), so checkpoints and PEFT adapters map by name.
 
     model, tok = load("smollm2-135m")
     ids, mask = tok.pad([tok.encode("A man plays a guitar.")])
@@ -50,7 +49,6 @@ class Config:
     sliding_window: int | None = None    # Mistral: keys further back than this are hidden
     pre_norm: bool = True                # OPT do_layer_norm_before; opt-350m is post-LN
     word_embed_proj_dim: int = 0         # OPT: embedding width; opt-350m projects 512 <-> 1024 (project_in/out)
-    final_norm: bool = True              # OPT: final_layer_norm only in pre-LN models
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -70,27 +68,25 @@ class Config:
                       num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=nh,
                       **{k: cfg.get(k, specials.get(k)) for k in ("pad_token_id", "bos_token_id", "eos_token_id")})
         if t == "opt":
-            bias, pre = cfg.get("enable_bias", True), cfg.get("do_layer_norm_before", True)
+            bias = cfg.get("enable_bias", True)
             return Config(**shared, num_key_value_heads=nh, head_dim=h // nh, intermediate_size=cfg["ffn_dim"],
                           max_position_embeddings=cfg["max_position_embeddings"],
                           tie_word_embeddings=cfg.get("tie_word_embeddings", True), attention_bias=bias,
                           output_bias=bias, mlp_bias=bias, word_embed_proj_dim=cfg.get("word_embed_proj_dim", h),
-                          pre_norm=pre, final_norm=pre and not cfg.get("_remove_final_layer_norm", False))
+                          pre_norm=cfg.get("do_layer_norm_before", True))
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"unsupported rope scaling {rope} (only plain RoPE)")
         window = cfg.get("sliding_window") if t == "mistral" or cfg.get("use_sliding_window") else None
         return Config(**shared, num_key_value_heads=cfg.get("num_key_value_heads") or nh,
                       head_dim=cfg.get("head_dim") or h // nh, intermediate_size=cfg["intermediate_size"],
-                      max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                      norm_eps=cfg.get("rms_norm_eps", 1e-6), sliding_window=window,
+                      max_position_embeddings=cfg.get("max_position_embeddings", 2048), sliding_window=window,
+                      norm_eps=cfg.get("rms_norm_eps", 1e-6), output_bias=cfg.get("attention_bias", False),
                       rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
                       tie_word_embeddings=cfg.get("tie_word_embeddings", False), mlp_bias=cfg.get("mlp_bias", False),
-                      attention_bias=t == "qwen2" or cfg.get("attention_bias", False),
-                      output_bias=t == "llama" and cfg.get("attention_bias", False))
+                      attention_bias=t == "qwen2" or cfg.get("attention_bias", False))
 
 
-# ----------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -101,8 +97,7 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope(x, cos, sin):
-    """Rotary position embedding: rotate each pair (x_i, x_{i+hd/2}) of x (B, nh, T, hd) by its angle."""
+def rope(x, cos, sin):                  # rotary position embedding: rotate pairs (x_i, x_{i+hd/2}) of (B, nh, T, hd)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -137,7 +132,6 @@ class Attention(nn.Module):
         return out(y), (k, v)
 
 
-# ----------------------------------------------------------------------------- OPT
 class OPTLayer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -163,35 +157,27 @@ class OPTLayer(nn.Module):
 class OPTDecoder(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.c = c
+        self.max_positions = c.max_position_embeddings
         e = c.word_embed_proj_dim or c.hidden_size
         self.embed_tokens = nn.Embedding(c.vocab_size, e)
         self.embed_positions = nn.Embedding(c.max_position_embeddings + 2, c.hidden_size)   # see forward
-        self.project_in = nn.Linear(e, c.hidden_size, bias=False) if e != c.hidden_size else None
-        self.project_out = nn.Linear(c.hidden_size, e, bias=False) if e != c.hidden_size else None
-        self.final_layer_norm = nn.LayerNorm(c.hidden_size) if c.final_norm else None
+        self.project_in = nn.Linear(e, c.hidden_size, bias=False) if e != c.hidden_size else nn.Identity()
+        self.project_out = nn.Linear(c.hidden_size, e, bias=False) if e != c.hidden_size else nn.Identity()
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size) if c.pre_norm else nn.Identity()   # as in transformers
         self.layers = nn.ModuleList(OPTLayer(c) for _ in range(c.num_hidden_layers))
 
     def forward(self, input_ids, mask, pos, past):
-        if mask.shape[-1] > self.c.max_position_embeddings:     # learned positions end; rotary ones don't
-            raise UserError(f"sequence of {mask.shape[-1]} tokens exceeds this OPT model's "
-                            f"{self.c.max_position_embeddings} positions")
-        x = self.embed_tokens(input_ids)                  # (B, T, E); E = 512 in opt-350m, else H
-        if self.project_in is not None:
-            x = self.project_in(x)                        # (B, T, H)
-        x = x + self.embed_positions(pos + 2)            # OPT's learned positions start at 2 (fairseq legacy)
+        if mask.shape[-1] > self.max_positions:     # learned positions end; rotary ones don't
+            raise UserError(f"sequence of {mask.shape[-1]} tokens exceeds the model's {self.max_positions} positions")
+        x = self.project_in(self.embed_tokens(input_ids))    # (B, T, E) -> (B, T, H); E = 512 in opt-350m, else H
+        x = x + self.embed_positions(pos + 2)                # OPT's learned positions start at 2 (fairseq legacy)
         presents = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if past is None else past[i])
             presents.append(kv)
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)                       # (B, T, E)
-        return x, presents
+        return self.project_out(self.final_layer_norm(x)), presents    # (B, T, E); no final norm in opt-350m
 
 
-# ----------------------------------------------------------------------------- LLaMA, Mistral, Qwen2
 class LlamaLayer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -224,8 +210,7 @@ class LlamaModel(nn.Module):
                             f"sliding window (sentemb implements attention within the window only)")
         x = self.embed_tokens(input_ids)                                          # (B, T, H)
         inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=x.device).float() / c.head_dim)
-        ang = pos[:, None, :, None].float() * inv                                 # (B, 1, T, hd/2): pos / theta^(2i/hd)
-        ang = torch.cat([ang, ang], dim=-1)                                       # (B, 1, T, hd): both halves of a pair
+        ang = (pos[:, None, :, None].float() * inv).repeat(1, 1, 1, 2)      # (B, 1, T, hd): pair i in both halves
         cos_sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         presents = []
         for i, layer in enumerate(self.layers):
@@ -234,7 +219,6 @@ class LlamaModel(nn.Module):
         return self.norm(x), presents
 
 
-# ----------------------------------------------------------------------------- the causal LM
 class Decoder(nn.Module):
     """`model.decoder.*` (OPT) or `model.*` (LLaMA family), plus `lm_head`, as in XForCausalLM."""
 
@@ -258,11 +242,9 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         P = 0 if past is None else past[0][0].shape[2]
-        # Positions count real tokens only, so a left-padded sentence gets exactly the
-        # positions it would have alone (transformers' OPT does the same; pads get -1 -> clamped).
+        # Positions count real tokens only: a left-padded sentence gets the positions it has alone (pads: -1 -> 0).
         pos = (P + real.long().cumsum(-1) - 1).clamp(min=0)                  # (B, T)
-        # Attention mask (B, 1, T, P+T): causal, and no attention to padding keys. A pad
-        # query keeps its own diagonal so no row is all -inf (its output is never used).
+        # Attention mask (B, 1, T, P+T): causal, no padding keys; a pad query keeps its diagonal (no all -inf row).
         causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
         mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
         mask = (torch.cat([mask.new_ones(B, T, P), mask], dim=-1) if P else mask)[:, None]   # every row sees the prefix
@@ -275,7 +257,6 @@ class Decoder(nn.Module):
         return self.lm_head(hidden)
 
 
-# ----------------------------------------------------------------------------- tokenizer
 class Tokenizer:
     """A `tokenizers` tokenizer plus the family's BOS rule and left padding."""
 
@@ -299,11 +280,10 @@ class Tokenizer:
 
 def load_tokenizer(path: Path, c: Config) -> Tokenizer:
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
-    tcfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    tcfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
     if (path / "tokenizer.json").exists():
         tok = HFTok.from_file(str(path / "tokenizer.json"))
-        # tokenizer.json's post-processor says whether this family prepends BOS (LLaMA-1/2/3
-        # do, SmolLM2 doesn't); tokenizer_config's add_bos_token overrides it, as in transformers.
+        # The post-processor says whether BOS is prepended (LLaMA-1/2/3: yes, SmolLM2: no); add_bos_token overrides.
         probe = tok.encode("a", add_special_tokens=True).ids
         adds_bos = len(probe) > len(tok.encode("a", add_special_tokens=False).ids)
         add_bos, bos = tcfg.get("add_bos_token", adds_bos), probe[0] if adds_bos else c.bos_token_id
@@ -311,8 +291,7 @@ def load_tokenizer(path: Path, c: Config) -> Tokenizer:
         tok = HFTok(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        vocab = read_json(path / "vocab.json")
-        tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab])
+        tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>") if tok.token_to_id(t) is not None])
         add_bos, bos = tcfg.get("add_bos_token", True), c.bos_token_id   # OPT prepends </s> (id 2)
     else:
         raise UserError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt")
@@ -320,7 +299,6 @@ def load_tokenizer(path: Path, c: Config) -> Tokenizer:
     return Tokenizer(tok, bos if add_bos else None, pad, c.eos_token_id)
 
 
-# ----------------------------------------------------------------------------- loading
 def resolve(name: str) -> Path:
     """Alias, local directory or hub id -> a local directory with config.json."""
     if os.path.isdir(name):
@@ -340,60 +318,51 @@ def resolve(name: str) -> Path:
     return path
 
 
-def read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e}): replace it with a good copy") from None
-
-
 def read_checkpoint(path: Path):
     """Yield (name, tensor) from safetensors (sharded or not), else .bin with weights_only."""
     from safetensors import SafetensorError, safe_open
     files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = [path / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    bins = [] if files else sorted(p for p in path.glob("*.bin") if not p.name.startswith("training_args"))
+    if not files and not bins:
+        raise UserError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 yield from ((k, sf.get_tensor(k)) for k in sf.keys())
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{f} is corrupt or truncated ({e}): replace it with a good copy (a cached download "
-                            f"or the converted default model: delete it and run again)") from None
-    if files:
-        return
-    bins = sorted(p for p in path.glob("*.bin") if not p.name.startswith("training_args"))
-    if not bins:
-        raise UserError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
+            raise UserError(f"{f} is corrupt or truncated ({e}): replace it with a good copy (the converted default "
+                            f"model: delete its folder, and the next run converts it again)") from None
     for f in bins:  # pickles are never unpickled beyond plain tensors
         yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
 
 
 def default_dtype(device) -> torch.dtype:
     """bfloat16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); float32 where bf16 is emulated (slower)."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
     native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.bfloat16 if any(native) else torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" or any(native) else torch.float32
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     """-> (Decoder in eval mode, Tokenizer). bits=4/8 quantizes the block linears (QLoRA bases).
     A checkpoint saved without its LM head (LlamaModel, OPTModel) loads with lm_head None: it embeds only."""
-    if bits not in (None, 4, 8, 16, 32):
-        raise UserError(f"bits must be 4, 8, 16 or 32, not {bits!r}")
+    if bits not in (None, 4, 8):
+        raise UserError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
     path = resolve(name_or_path)
-    if not (path / "config.json").exists():
-        raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
-    cfg = read_json(path / "config.json")
+    file = path / "config.json"
     try:
+        cfg = json.loads(file.read_text())
         c = Config.from_hf(cfg)
+    except FileNotFoundError:
+        raise UserError(f"{path} has no config.json: not a Hugging Face model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}): replace it with a good copy") from None
     except KeyError as e:
-        raise UserError(f"{path / 'config.json'} has no {e.args[0]!r}: not a complete {cfg['model_type']} config") from None
+        raise UserError(f"{file} has no {e.args[0]!r}: not a complete {cfg['model_type']} config") from None
     device = common.device(device)
-    dtype = dtype or {16: torch.bfloat16, 32: torch.float32}.get(bits) or default_dtype(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
     with torch.device("meta"):   # no memory until a checkpoint tensor is assigned
         model = Decoder(c)
     tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
@@ -447,6 +416,5 @@ def quantize(lin: nn.Linear, bits, dtype, device):
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if bias:
         q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
-    # .to(device) is what quantizes; without it the first forward fails with a
-    # misleading "quantization state not initialized" assertion.
+    # .to(device) quantizes; without it the first forward fails with "quantization state not initialized".
     return q.to(device)

@@ -92,7 +92,7 @@ def main():
 
 def bench(args, name):
     bits = [int(b) for b in args.bits.split(",")]
-    models = {b: M.load(name, device="cpu", bits=b) for b in bits}
+    models = {b: M.load(name, "bfloat16" if b == 16 else "float32", "cpu", b if b in (4, 8) else None) for b in bits}
     tok = models[bits[0]][1]
     ids, mask = tok.pad([tok.encode(TEMPLATE.format(SENTENCES[i % len(SENTENCES)])) for i in range(args.batch)])
     before = {b: weight_bytes(m) for b, (m, _) in models.items()}

@@ -210,8 +210,8 @@ def test_corrupt_safetensors_names_the_file(tiny_dir, damage):
         M.load(str(tiny_dir))
     detail = ("incomplete metadata, file not fully covered" if damage == "truncated" else "header too large")
     assert str(e.value) == (f"{f} is corrupt or truncated (Error while deserializing header: {detail}): replace it "
-                            f"with a good copy (a cached download or the converted default model: delete it and "
-                            f"run again)")
+                            f"with a good copy (the converted default model: delete its folder, and the next run "
+                            f"converts it again)")
 
 
 def test_invalid_config_json_names_the_file(tiny_dir):
