@@ -52,6 +52,19 @@ def random_checkpoint(d: Path) -> str:
     return str(d)
 
 
+def weight_bytes(model) -> int:
+    """Bytes held by parameters and buffers (4-bit weights count as their packed bytes)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}   # tied weights count once
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    for m in model.modules():  # NF4 statistics live in quant_state (nested: state2), not in parameters
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        while qs is not None:
+            stats = [t for t in (qs.absmax, getattr(qs, "code", None)) if isinstance(t, torch.Tensor)]
+            n += sum(t.numel() * t.element_size() for t in stats)
+            qs = getattr(qs, "state2", None)
+    return n
+
+
 def forward(model, ids, mask):
     t = time.perf_counter()
     with torch.no_grad():
@@ -79,12 +92,12 @@ def main():
 
 def bench(args, name):
     bits = [int(b) for b in args.bits.split(",")]
-    models = {b: M.load(name, device="cpu", bits=b) for b in bits}
+    models = {b: M.load(name, "bfloat16" if b == 16 else "float32", "cpu", b if b in (4, 8) else None) for b in bits}
     tok = models[bits[0]][1]
     ids, mask = tok.pad([tok.encode(TEMPLATE.format(SENTENCES[i % len(SENTENCES)])) for i in range(args.batch)])
-    before = {b: M.weight_bytes(m) for b, (m, _) in models.items()}
+    before = {b: weight_bytes(m) for b, (m, _) in models.items()}
     last = {b: forward(m, ids, mask)[1] for b, (m, _) in models.items()}   # warm-up; bitsandbytes repacks here
-    after = {b: M.weight_bytes(m) for b, (m, _) in models.items()}         # ... which may change the bytes
+    after = {b: weight_bytes(m) for b, (m, _) in models.items()}         # ... which may change the bytes
     secs = {b: [] for b in bits}
     for _ in range(args.reps):          # interleaved, best of reps: load drift hits every row alike
         for b, (m, _) in models.items():

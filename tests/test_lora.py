@@ -7,6 +7,7 @@ from torch import nn
 
 import lora as L
 import model as M
+from bench.quant import weight_bytes
 from test_model import batch, hf_model, ref_hidden, save
 
 transformers = pytest.importorskip("transformers")
@@ -191,7 +192,7 @@ def test_quantized_base(ckpt, name, bits):
         if isinstance(mod, nn.Linear):
             assert isinstance(mod, cls) == (n.rpartition(".")[2] in BLOCK[name]), n
     assert type(q.lm_head) is nn.Linear and type(q.embeddings()) is nn.Embedding
-    assert M.weight_bytes(q) < M.weight_bytes(full)
+    assert weight_bytes(q) < weight_bytes(full)
     _, ids, mask = batch([9, 4, 12], seed=3)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(q(ids, mask)[:, -1], full(ids, mask)[:, -1], dim=-1)

@@ -15,19 +15,22 @@ LLAMA_MHA = dict(model_type="llama", vocab_size=400, hidden_size=64, num_hidden_
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
                  tie_word_embeddings=True)
 LLAMA_GQA = dict(LLAMA_MHA, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, rope_theta=100000.0)
-CONFIGS = {"opt-pre-ln": OPT_PRE, "opt-post-ln-proj": OPT_POST, "llama-mha": LLAMA_MHA, "llama-gqa-untied": LLAMA_GQA}
+MISTRAL = dict(LLAMA_GQA, model_type="mistral", head_dim=16, sliding_window=16)   # the tests' sequences fit in it
+QWEN2 = dict(LLAMA_GQA, model_type="qwen2", head_dim=16, tie_word_embeddings=False)  # q/k/v biases, no o_proj bias
+QWEN2_TIED = dict(QWEN2, tie_word_embeddings=True, num_key_value_heads=4)
+CONFIGS = {"opt-pre-ln": OPT_PRE, "opt-post-ln-proj": OPT_POST, "llama-mha": LLAMA_MHA, "llama-gqa-untied": LLAMA_GQA,
+           "mistral": MISTRAL, "qwen2-untied": QWEN2, "qwen2-tied": QWEN2_TIED}
+HF_NAMES = {"opt": "OPT", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
 def hf_model(cfg: dict):
     kw = {k: v for k, v in cfg.items() if k != "model_type"}
-    if cfg["model_type"] == "opt":
-        conf = transformers.OPTConfig(**kw)
+    name = HF_NAMES[cfg["model_type"]]
+    conf = getattr(transformers, f"{name}Config")(**kw)
+    if name == "OPT":
         conf._remove_final_layer_norm = not kw.get("do_layer_norm_before", True)
-        cls = transformers.OPTForCausalLM
-    else:
-        conf, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    m = cls(conf).eval()
+    m = getattr(transformers, f"{name}ForCausalLM")(conf).eval()
     with torch.no_grad():  # random init leaves norms at 1/0 and biases at 0: perturb everything
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -63,7 +66,7 @@ def batch(lengths, vocab=300, seed=0):
 
 def ref_hidden(cfg, ref, ids, mask, lm=False):
     kw = {}
-    if cfg["model_type"] == "llama":  # transformers' LLaMA counts pads unless told the positions
+    if cfg["model_type"] != "opt":  # transformers' LLaMA family counts pads unless told the positions
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kw)
@@ -138,9 +141,44 @@ def test_opt_checkpoint_without_model_prefix(tmp_path):
                                ref_hidden(OPT_PRE, ref, ids, mask)[mask.bool()], atol=1e-5, rtol=0)
 
 
+def test_base_model_checkpoint_embeds_without_lm_head(tmp_path):
+    # Embedding checkpoints are often saved from LlamaModel: no "model." prefix, and no lm_head when untied.
+    ref = hf_model(LLAMA_GQA)
+    save(ref, tmp_path, base_only=True)
+    ours, _ = M.load(str(tmp_path))
+    _, ids, mask = batch([4, 9])
+    with torch.no_grad():
+        got = ours(ids, mask)
+    torch.testing.assert_close(got[mask.bool()], ref_hidden(LLAMA_GQA, ref, ids, mask)[mask.bool()], atol=1e-5, rtol=0)
+    with pytest.raises(M.UserError) as e:
+        ours.lm_logits(got)
+    assert str(e.value) == f"{tmp_path} has no LM head (a base-model checkpoint): it embeds, but cannot predict"
+
+
+def test_sliding_window_past_it_is_an_error(tmp_path):    # below it, parity above shows plain causal attention
+    save(hf_model(MISTRAL), tmp_path)
+    ours, _ = M.load(str(tmp_path))
+    with pytest.raises(M.UserError) as e:
+        ours(torch.ones(1, 17, dtype=torch.long))
+    assert str(e.value) == ("sequence of 17 tokens exceeds this model's 16-token sliding window "
+                            "(sentemb implements attention within the window only)")
+    _, past = ours(torch.ones(1, 10, dtype=torch.long), use_cache=True)
+    with pytest.raises(M.UserError, match="sequence of 18 tokens"):    # the prefix counts
+        ours(torch.ones(2, 8, dtype=torch.long), past=past)
+
+
+def test_default_dtype(monkeypatch):
+    assert M.default_dtype("cuda") == torch.bfloat16
+    for avx512_bf16, amx, want in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                   (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert M.default_dtype("cpu") == want
+
+
 # ----------------------------------------------------------------------------- errors
 def test_errors(tmp_path):
-    with pytest.raises(ValueError, match="model directory not found: /nonexistent/model"):
+    with pytest.raises(ValueError, match="unknown model '/nonexistent/model': not a local directory"):
         M.load("/nonexistent/model")
     with pytest.raises(ValueError, match="unknown model 'gpt-9000'"):
         M.load("gpt-9000")
@@ -153,8 +191,51 @@ def test_errors(tmp_path):
 
 def test_offline_hub_error_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"could not fetch 'nobody/no-such-model'.*offline default model"):
+    with pytest.raises(M.UserError, match=r"^could not fetch model 'nobody/no-such-model' from the Hugging Face Hub"):
         M.load("nobody/no-such-model")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    save(hf_model(LLAMA_MHA), tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors_names_the_file(tiny_dir, damage):
+    f = tiny_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
+    with pytest.raises(M.UserError) as e:
+        M.load(str(tiny_dir))
+    detail = ("incomplete metadata, file not fully covered" if damage == "truncated" else "header too large")
+    assert str(e.value) == (f"{f} is corrupt or truncated (Error while deserializing header: {detail}): replace it "
+                            f"with a good copy (the converted default model: delete its folder, and the next run "
+                            f"converts it again)")
+
+
+def test_invalid_config_json_names_the_file(tiny_dir):
+    cfg = tiny_dir / "config.json"
+    good = json.loads(cfg.read_text())
+    cfg.write_text('{"model_type": "llama",')
+    with pytest.raises(M.UserError) as e:
+        M.load(str(tiny_dir))
+    assert str(e.value) == (f"{cfg} is not valid JSON (Expecting property name enclosed in double quotes: "
+                            f"line 1 column 24 (char 23)): replace it with a good copy")
+    cfg.write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(M.UserError) as e:
+        M.load(str(tiny_dir))
+    assert str(e.value) == f"{cfg} has no 'hidden_size': not a complete llama config"
+
+
+def test_device_is_validated(tiny_dir):
+    with pytest.raises(M.UserError) as e:
+        M.load(str(tiny_dir), device="tpu")
+    assert str(e.value) == "--device 'tpu': not a device; use cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        with pytest.raises(M.UserError) as e:
+            M.load(str(tiny_dir), device="cuda")
+        assert str(e.value) == f"--device cuda: this torch has no CUDA device ({torch.__version__}); use --device cpu"
 
 
 def test_mismatched_checkpoint_lists_problems(tmp_path):
