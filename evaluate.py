@@ -1,7 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate sentence embeddings the way the PromptEOL paper does.
-
-Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models", report:
+"""Evaluate sentence embeddings the way the PromptEOL paper does (Jiang et al. 2023).
 
 * STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of the two embeddings and the gold
   score, no regressor. STS12-16 use SentEval's "all" as patched by SimCSE (whose evaluation PromptEOL reuses): ONE
@@ -9,18 +7,15 @@ Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models", rep
 * Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression probe on the frozen embeddings,
   following SentEval's protocol (see `inner_kfold`).
 
-    python evaluate.py --model smollm2-135m --tasks sts
-    python evaluate.py --encoder DIR --tasks stsb-dev     # a sentence-transformers model
-
-An encoder is anything with `encode(list[str]) -> array [n, d]`; with a JSON-serializable `.fingerprint`, CachedEncoder
-keeps its vectors on disk (icl.py and train_cse.py use it too).
+    python evaluate.py --tasks sts --model opt-125m opt-350m opt-1.3b --plot docs/scaling.png
+    python evaluate.py --tasks stsb-dev --encoder DIR     # a sentence-transformers model
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
-import os
 import pathlib
 import platform
 import sys
@@ -31,8 +26,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, data_dir, fingerprint_key,  # noqa: F401
-                    git_commit, parse_demonstrations)
+from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, git_commit,
+                    parse_demonstrations)
+
 
 # ----------------------------------------------------------------------------- loading
 @dataclass
@@ -69,13 +65,11 @@ def _rows(path, ncols, encoding="utf-8", header=False):
 
 
 def _tok(s):
-    # SentEval splits every sentence on whitespace and the batcher joins the tokens with single spaces; doing the same
-    # here gives the encoder exactly the paper's strings.
+    # SentEval splits every sentence on whitespace and joins the tokens with single spaces: the paper's strings.
     return " ".join(s.split())
 
 
 def _pair_file(f, ncols, a, b, gold, cast=float, encoding="utf-8", header=False) -> Pairs:
-    """Pairs from the sentence columns a, b and the gold column of a TAB-separated file."""
     rows = _rows(f, ncols, encoding, header)
     return Pairs([_tok(r[a]) for r in rows], [_tok(r[b]) for r in rows], np.array([cast(r[gold]) for r in rows]), (f,))
 
@@ -183,13 +177,12 @@ def load_task(name, root) -> dict:
         return {s: {"sst2": load_sst2, "trec": load_trec, "mrpc": load_mrpc}[name](root, s) for s in splits}
     except UserError:
         raise
-    except (ValueError, IndexError) as e:  # a bad number or label: a damaged file, not a bug
+    except (ValueError, IndexError) as e:  # a bad number or label: a damaged file
         raise UserError(f"malformed {TITLES[name]} data under {root}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- encoding
 def embed_all(encoder, sentences, progress=True):
-    """Encode the unique sentences once; return lookup(list[str]) -> [n, d] array."""
+    """Encode the unique sentences once; return lookup(list[str]) -> (n, d) array."""
     enc = encoder if isinstance(encoder, CachedEncoder) else CachedEncoder(encoder, disk=False)
     unique = list(dict.fromkeys(sentences))
     matrix, index = enc.encode(unique, progress=progress), {s: i for i, s in enumerate(unique)}
@@ -198,9 +191,9 @@ def embed_all(encoder, sentences, progress=True):
 
 # ----------------------------------------------------------------------------- STS
 def cosine(u, v):
-    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)                    # (n, d) each
     num, den = (u * v).sum(1), np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)  # SentEval: NaN -> 0
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)            # SentEval: NaN -> 0
 
 
 def correlations(sys_scores, gold) -> dict:
@@ -240,14 +233,11 @@ def stsb_dev(encoder, data=None, indices=None) -> float:
 
 
 # ----------------------------------------------------------------------------- transfer
-# Deviations from SentEval, whose paper numbers come from its PyTorch classifier (Adam, weight decay chosen from
-# 1e-5..1e-2, early stopping on a validation slice): we fit scikit-learn's LogisticRegression (lbfgs) -- SentEval's own
-# `usepytorch=False` option -- on features standardized with training-part statistics, because raw LLM hidden states
-# have a few huge dimensions that make lbfgs crawl. SentEval's C grids (2^-2..2^3; 2^-1..2^5 for TREC and MRPC) were set
-# for raw features: on standardized ones SST-2, TREC and MRPC picked the grid's smallest C, and MRPC (2,304 features)
-# overfit to 63.9%, below the 66.5% majority class. So one wider grid, 4^-7..4^1, serves every classifier (measured on
-# the default model: MRPC 72.8, TREC 90.0, the chosen C now inside the grid). The C path is warm-started (same optimum
-# up to tolerance, several times faster). Folds, seeds and selection rules are SentEval's; results are deterministic.
+# SentEval's protocols (folds, seed, selection rules) with its `usepytorch=False` classifier: scikit-learn's
+# LogisticRegression (lbfgs), on features standardized with training-part statistics, since raw LLM hidden states have a
+# few huge dimensions that make lbfgs crawl. Standardized features need weaker regularization than SentEval's C grids
+# (set for raw features) allow, so one wider grid serves every classifier. The C path is warm-started (the same optimum
+# up to tolerance, faster). Results are deterministic.
 SEED = 1111                               # SentEval's default seed
 REGS = [4.0 ** t for t in range(-7, 2)]   # C (inverse L2 strength) from 6e-5 to 4
 
@@ -261,8 +251,7 @@ def _predict_path(xtr, ytr, xev, regs, seed=SEED):
     sd[sd < 1e-8] = 1.0
     xtr, xev = (xtr - mu) / sd, (xev - mu) / sd
     clf = LogisticRegression(max_iter=1000, warm_start=True, random_state=seed)
-    # One thread (BLAS and OpenMP): at these sizes threaded matrix-vector products and loss loops are overhead, and they
-    # spin-wait on a busy machine -- measured 10x slower on 2 shared cores, with identical results.
+    # One thread: at these sizes threads are overhead, and they spin-wait on a busy machine.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return [clf.set_params(C=c).fit(xtr, ytr).predict(xev) for c in regs]
@@ -282,34 +271,27 @@ def _choose_c(x, y, regs, k, seed):
     return _best(np.mean(accs, axis=0), regs)
 
 
-def inner_kfold(x, y, k=10, seed=SEED) -> dict:
-    """MR, CR, SUBJ, MPQA (SentEval's InnerKFoldClassifier): k stratified outer folds; on each outer training part C is
-    chosen by an inner k-fold CV, then the model is refit on that whole part and tested on the held-out fold. Reported:
-    mean test accuracy over the outer folds."""
-    from sklearn.model_selection import StratifiedKFold
-    cs, dev, test = [], [], []
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
-        c, d = _choose_c(x[tr], y[tr], REGS, k, seed)
-        cs.append(c)
-        dev.append(d)
-        test.append(np.mean(_predict_path(x[tr], y[tr], x[te], [c], seed)[0] == y[te]))
-    return {"acc": float(np.mean(test)), "devacc": float(np.mean(dev)), "C": cs, "n": len(y)}
-
-
-def kfold_then_test(xtr, ytr, xte, yte, k=10, seed=SEED) -> dict:
-    """TREC, MRPC (SentEval's KFoldClassifier): C by k-fold CV on train, refit on all of train, accuracy on test."""
+def probe(xtr, ytr, xte, yte, dev=None, k=10, seed=SEED) -> dict:
+    """Accuracy on test of a logistic regression fit on train, with the C that scores best on dev=(x, y) (SST-2:
+    SentEval's SplitClassifier) or, without dev, in a k-fold CV on train (TREC, MRPC: its KFoldClassifier)."""
     from sklearn.metrics import f1_score
-    c, dev = _choose_c(xtr, ytr, REGS, k, seed)
+    if dev is None:
+        c, devacc = _choose_c(xtr, ytr, REGS, k, seed)
+    else:
+        c, devacc = _best([np.mean(p == dev[1]) for p in _predict_path(xtr, ytr, dev[0], REGS, seed)], REGS)
     pred = _predict_path(xtr, ytr, xte, [c], seed)[0]
-    out = {"acc": float(np.mean(pred == yte)), "devacc": dev, "C": c, "ntrain": len(ytr), "ntest": len(yte)}
-    return out | ({"f1": float(f1_score(yte, pred))} if len(np.unique(ytr)) == 2 else {})
+    out = {"acc": float(np.mean(pred == yte)), "devacc": devacc, "C": c, "ntrain": len(ytr), "ntest": len(yte)}
+    return out | ({"f1": float(f1_score(yte, pred))} if dev is None and len(np.unique(ytr)) == 2 else {})
 
 
-def split_eval(xtr, ytr, xdev, ydev, xte, yte, seed=SEED) -> dict:
-    """SST-2 (SentEval's SplitClassifier): C by dev accuracy, model fit on train only."""
-    c, dev = _best([np.mean(p == ydev) for p in _predict_path(xtr, ytr, xdev, REGS, seed)], REGS)
-    acc = float(np.mean(_predict_path(xtr, ytr, xte, [c], seed)[0] == yte))
-    return {"acc": acc, "devacc": dev, "C": c, "ntrain": len(ytr), "ndev": len(ydev), "ntest": len(yte)}
+def inner_kfold(x, y, k=10, seed=SEED) -> dict:
+    """MR, CR, SUBJ, MPQA (SentEval's InnerKFoldClassifier): `probe` on each of k stratified outer folds, C chosen by
+    an inner k-fold CV on the fold's training part; reported: the mean test accuracy over the outer folds."""
+    from sklearn.model_selection import StratifiedKFold
+    outer = StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)
+    folds = [probe(x[tr], y[tr], x[te], y[te], k=k, seed=seed) for tr, te in outer]
+    return {"acc": float(np.mean([f["acc"] for f in folds])), "devacc": float(np.mean([f["devacc"] for f in folds])),
+            "C": [f["C"] for f in folds], "n": len(y)}
 
 
 def _senteval_order(*keys):
@@ -319,9 +301,7 @@ def _senteval_order(*keys):
 
 
 def pair_features(u, v):
-    """MRPC's probe input [u, v, |u - v|, u * v] (B, 4H), as the issue asks and as SentEval does for SICK-E/SNLI.
-    SentEval's own mrpc.py uses only [|u - v|, u * v]; with that, MRPC accuracies can differ from papers run through
-    SentEval by a point or so."""
+    """MRPC's probe input [u, v, |u - v|, u * v] (n, 4d), as SentEval's SICK-E/SNLI (its mrpc.py drops u and v)."""
     return np.concatenate([u, v, np.abs(u - v), u * v], axis=1)
 
 
@@ -332,163 +312,182 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
         order = _senteval_order(ntok(d.x), d.y)
         out = inner_kfold(emb([d.x[i] for i in order]), d.y[order], kfold)
     elif name == "sst2":
-        out = split_eval(*[a for s in ("train", "dev", "test") for a in (emb(splits[s].x), splits[s].y)])
+        tr, dev, te = splits["train"], splits["dev"], splits["test"]
+        out = probe(emb(tr.x), tr.y, emb(te.x), te.y, dev=(emb(dev.x), dev.y))
     elif name == "trec":
         tr, te = splits["train"], splits["test"]
         order = _senteval_order(ntok(tr.x), tr.y)
-        out = kfold_then_test(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, kfold)
+        out = probe(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, k=kfold)
     else:  # MRPC
         tr, te = splits["train"], splits["test"]
         order = _senteval_order(ntok(tr.a), ntok(tr.b), tr.gold)
         xtr = pair_features(emb([tr.a[i] for i in order]), emb([tr.b[i] for i in order]))
-        out = kfold_then_test(xtr, tr.gold[order], pair_features(emb(te.a), emb(te.b)), te.gold, kfold)
+        out = probe(xtr, tr.gold[order], pair_features(emb(te.a), emb(te.b)), te.gold, k=kfold)
     return {"score": out["acc"], **out}
 
 
 # ----------------------------------------------------------------------------- driver
-def score_tasks(encoder, loaded, kfold=10, progress=True) -> dict:
-    """Encode every sentence of every task once (deduplicated), then score each task."""
-    sents = [s for splits in loaded.values() for d in splits.values()
-             for s in ((d.a + d.b) if isinstance(d, Pairs) else d.x)]
-    emb, results = embed_all(encoder, sents, progress), {}
-    from tqdm import tqdm
-    for name, splits in (bar := tqdm(loaded.items(), desc="scoring", unit="task", disable=not progress)):
-        bar.set_postfix_str(TITLES[name])
-        t0 = time.time()
-        results[name] = score_transfer(name, splits, emb, kfold) if name in TRANSFER else score_sts(splits, emb)
-        results[name]["seconds"] = round(time.time() - t0, 2)
-    return results
+def evaluate(encoder, loaded, kfold=10, progress=True) -> dict:
+    """{task: result} for {task: splits} from load_task; each result has "score" (Spearman or accuracy, a fraction).
+    Every sentence of every task is encoded once."""
+    data = [d for splits in loaded.values() for d in splits.values()]
+    sents = [s for d in data for s in (d.a + d.b if isinstance(d, Pairs) else d.x)]
+    emb = embed_all(encoder, sents, progress)
+    return {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
 
 
-def evaluate(encoder, tasks="sts", data=None, kfold=10, progress=True) -> dict:
-    """{task: result}; each result has "score" (Spearman or accuracy, as a fraction)."""
-    root = data_dir(data)
-    return score_tasks(encoder, {n: load_task(n, root) for n in parse_tasks(tasks)}, kfold, progress)
-
-
-def tables(results) -> str:
-    """The paper's layout: one row of x100 numbers per group, Avg. when the group is complete."""
-    lines = []
-    for title, group in (("STS, Spearman x100 of cosine", STS), ("Transfer, accuracy x100", TRANSFER)):
-        names = [n for n in group if n in results]
+def tables(rows) -> str:
+    """The paper's layout: per group of tasks, one row of x100 numbers per (name, {task: result}) in rows, and Avg.
+    over a complete group. SentEval's other STS12-16 summaries (mean, wmean, Pearson) are in the JSON record."""
+    width, lines = max(len(name) for name, _ in rows), []
+    for title, group in (("STS, Spearman x100", STS), ("Transfer, accuracy", TRANSFER), ("STS-B dev", ["stsb-dev"])):
+        names = [n for n in group if n in rows[0][1]]
+        avg = len(names) == len(group) > 1
         if not names:
             continue
-        heads, vals = [TITLES[n] for n in names], [100 * results[n]["score"] for n in names]
-        if len(names) == len(group):  # the paper's Avg. is over the full group only
-            heads, vals = heads + ["Avg."], vals + [float(np.mean(vals))]
-        lines += [title, " ".join(f"{h:>7}" for h in heads), " ".join(f"{v:7.2f}" for v in vals), ""]
-    detail = [n for n in STS_SUBSETS if n in results]
-    if detail:  # the other two SentEval summaries, for comparison with papers that report them
-        lines.append("STS12-16 x100       Spearman all/mean/wmean      Pearson all/mean/wmean")
-        for n in detail:
-            nums = [100 * results[n][m][a] for m in ("spearman", "pearson") for a in ("all", "mean", "wmean")]
-            lines.append(f"{TITLES[n]:<10} " + " ".join(f"{v:8.2f}" for v in nums))
-        lines.append("")
-    if "stsb-dev" in results:
-        lines.append(f"STS-B dev Spearman x100: {100 * results['stsb-dev']['score']:.2f}")
-    return "\n".join(lines).rstrip()
+        lines += ["", title, " " * width + "".join(f" {TITLES[n]:>7}" for n in names) + "    Avg." * avg]
+        for model, results in rows:
+            vals = [100 * results[n]["score"] for n in names]
+            lines.append(f"{model:<{width}}" + "".join(f" {v:7.2f}" for v in vals + [np.mean(vals)] * avg))
+    return "\n".join(lines).strip()
 
 
-def build_encoder(args):
-    if args.encoder:  # a sentence-transformers model: a peer baseline with no fingerprint, so not disk-cached
-        llm_only = (args.model, args.template, args.pooling, args.demonstration, args.adapter, args.bits, args.dtype)
-        if any(v is not None for v in llm_only):
-            raise UserError("--encoder cannot be combined with --model/--template/--pooling/--demonstration/--adapter/--bits/--dtype")
-        if not (pathlib.Path(args.encoder) / "modules.json").is_file():
-            raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
-        try:  # sentence-transformers stays an optional dependency
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise UserError("--encoder needs sentence-transformers: pip install sentence-transformers") from None
-        model = SentenceTransformer(str(args.encoder))
-        return SimpleNamespace(encode=lambda sents: model.encode(list(sents), batch_size=args.batch_size or 64))
-    try:
-        from embed import Embedder  # lazy: torch and the model code load only when needed
-    except ImportError as e:
-        raise UserError(f"cannot import embed.py ({e}); --encoder DIR needs no embed.py") from None
-    kwargs = dict(model=args.model, template=args.template, pooling=args.pooling, adapter=args.adapter, bits=args.bits,
-                  dtype=args.dtype, batch_size=args.batch_size, demonstrations=parse_demonstrations(args.demonstration))
-    try:
-        return Embedder(**{k: v for k, v in kwargs.items() if v is not None})
-    except (ValueError, FileNotFoundError) as e:  # unknown model, missing adapter ...
+def n_params(model) -> int:
+    # A 4-bit weight (bitsandbytes Params4bit) packs two values in a byte; its quant_state keeps the real shape.
+    shape = lambda p: getattr(getattr(p, "quant_state", None), "shape", p.shape)  # noqa: E731
+    return sum(shape(p).numel() for p in model.parameters())
+
+
+def build_encoder(args, model):
+    """-> (encoder, its parameter count): embed.Embedder, or the sentence-transformers model of --encoder."""
+    if args.encoder:  # a peer baseline with no fingerprint, so not disk-cached
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(args.encoder, device=str(device(args.device)))
+        return SimpleNamespace(encode=lambda sents: st.encode(list(sents), batch_size=args.batch_size)), n_params(st)
+    from embed import Embedder  # torch and the model code load only when needed
+    demos = parse_demonstrations(args.demonstration)
+    kwargs = dict(model=model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
+                  batch_size=args.batch_size, device=device(args.device), dtype=args.dtype, bits=args.bits,
+                  adapter=args.adapter, **({} if demos is None else {"demonstrations": demos}))
+    try:  # model.py and embed.py report a bad model, adapter or option as ValueError
+        emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as e:
         raise UserError(str(e)) from None
+    return emb, n_params(emb.model)
+
+
+def check_output(flag, path):
+    """Fail before any work if `path` cannot be written: a folder, a missing folder, no permission."""
+    path = pathlib.Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: " + ("a folder, not a file" if path.is_dir() else f"no folder {path.parent}"))
+    existed = path.exists()
+    try:
+        path.open("a").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        path.unlink()
+    return path
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model alias or path for embed.Embedder (default: smollm2-135m)")
+    p.add_argument("--model", nargs="+", help="one or more model aliases or paths, evaluated in turn, each with its "
+                   "own default demonstration (default: smollm2-135m)")
     p.add_argument("--template", choices=["eol", "prompt", "none"],
                    help="PromptEOL, PromptBERT-style (no 'in one word'), or the bare sentence (default: eol)")
     p.add_argument("--pooling", choices=["last", "mean"], help="last token (default) or mean over the sentence")
     p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD", help="in-context demonstration "
-                   "placed before the template, e.g. \"A jockey riding a horse.=>Equestrian\"; repeat for several; "
-                   "'none' for no demonstration (default: the model's own default)")
+                   "before the template; repeat for several; 'none' for none (default: the model's own)")
     p.add_argument("--adapter", help="LoRA adapter directory (from train_cse.py)")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base model quantized to 4 or 8 bits")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: embed.py's)")
-    p.add_argument("--batch-size", type=int, help="sentences per forward pass (default: the encoder's)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base model quantized to 4 or 8 bits")
+    p.add_argument("--max-tokens", type=int, help="cut sentences to this many tokens (default: no cut, as the paper)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     p.add_argument("--tasks", default="sts", help="sts | transfer | all | stsb-dev | comma-separated names from "
                    + ",".join(STS + TRANSFER) + " (default: sts)")
     p.add_argument("--kfold", type=int, default=10, help="folds of the transfer cross-validations "
                    "(default 10 as SimCSE/PromptEOL; 5 is SentEval's default and ~3x faster)")
     p.add_argument("--data-dir", help="data folder with sts/ and transfer/ (default: $SENTEMB_DATA, else ./data)")
-    p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json)")
+    p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json; creates runs/ if missing)")
+    p.add_argument("--plot", metavar="PNG", help="also draw average STS against parameter count, with the paper's")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
     p.add_argument("--encoder", metavar="DIR", help="evaluate a sentence-transformers model directory instead")
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, kept=None) -> int:
+    """The command; raises UserError. `kept` receives what an interrupted run leaves behind (see run())."""
     args, started = parser().parse_args(argv), time.time()
-    try:
-        if args.kfold < 2:
-            raise UserError("--kfold must be at least 2")
-        names, _ = parse_tasks(args.tasks), parse_demonstrations(args.demonstration)  # cheap checks first
-        root = data_dir(args.data_dir)
-        out = pathlib.Path(args.output or REPO / "runs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out.parent, os.W_OK):
-            raise UserError(f"cannot write to {out.parent}")
-        loaded = {n: load_task(n, root) for n in names}  # data errors surface before the model loads
-        encoder = CachedEncoder(build_encoder(args), disk=not args.no_cache)
-        results = score_tasks(encoder, loaded, args.kfold)
-    except (ValueError, OSError) as e:  # UserError, model.py's load errors; OSError: an unwritable --output
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("evaluate.py: interrupted (embeddings computed so far are cached)", file=sys.stderr)
-        return 130
-    print(tables(results))
+    names, _ = parse_tasks(args.tasks), parse_demonstrations(args.demonstration)  # cheap checks first
+    if args.kfold < 2 or args.batch_size < 1 or (args.max_tokens or 1) < 1:
+        raise UserError("--kfold must be at least 2, --batch-size and --max-tokens at least 1")
+    llm_only = [args.model, args.template, args.pooling, args.demonstration, args.adapter, args.bits, args.dtype,
+                args.max_tokens]
+    if args.encoder and any(v is not None for v in llm_only):
+        raise UserError("--encoder takes none of --model/--template/--pooling/--demonstration/--adapter/--bits/"
+                        "--dtype/--max-tokens")
+    if args.encoder and not (pathlib.Path(args.encoder) / "modules.json").is_file():
+        raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
+    if args.encoder and importlib.util.find_spec("sentence_transformers") is None:
+        raise UserError("--encoder needs sentence-transformers: pip install sentence-transformers")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
+    if args.plot and not set(STS) <= set(names):
+        raise UserError("--plot draws the average of the seven STS tasks: run it with --tasks sts or all")
+    if args.output is None:
+        (REPO / "runs").mkdir(exist_ok=True)
+    out = check_output("--output", args.output or REPO / "runs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    plot = args.plot and check_output("--plot", args.plot)
+    device(args.device)
+    root = data_dir(args.data_dir)
+    loaded = {n: load_task(n, root) for n in names}  # data errors surface before a model loads
+    rows = []
+    for model in [None] if args.encoder else args.model or [None]:
+        encoder, params = build_encoder(args, model)
+        cached = CachedEncoder(encoder, disk=not args.no_cache)
+        if cached.dir is not None and kept is not None:
+            kept.append(f"the embeddings computed so far are cached in {cached.dir.parent}; a rerun reuses them")
+        results = evaluate(cached, loaded, args.kfold)
+        summary = {TITLES[n]: round(100 * r["score"], 2) for n, r in results.items()}
+        rows.append({"model": model or getattr(encoder, "fingerprint", {}).get("model") or args.encoder,
+                     "params": params, "encoder": cached.fingerprint or {"sentence_transformers": args.encoder},
+                     "tasks": results, "summary_x100": summary, "cache": cached.dir and str(cached.dir),
+                     "sentences_encoded": cached.n_encoded})
+        del encoder, cached  # this model's memory is free before the next one loads
+    print(tables([(r["model"], r["tasks"]) for r in rows]))
     import scipy
     import sklearn
     files = sorted({f for splits in loaded.values() for d in splits.values() for f in d.files})
     record = {
-        "encoder": encoder.fingerprint or {"sentence_transformers": str(pathlib.Path(args.encoder).resolve())},
-        "tasks": results,
-        "summary_x100": {TITLES[n]: round(100 * r["score"], 2) for n, r in results.items()},
-        "aggregation": {
-            "similarity": "cosine of the two embeddings; no trained regressor",
-            "sts12-16": "Spearman over all subsets concatenated (SentEval 'all' as in SimCSE/PromptEOL); "
-                        "per-subset mean and size-weighted mean (wmean) also given, Spearman and Pearson",
-            "stsb, sickr": "Spearman on the test split", "stsb-dev": "Spearman on STS-B dev",
-            "transfer": f"sklearn LogisticRegression on standardized features, C from 4^-7..4^1, SentEval "
-                        f"protocol, kfold={args.kfold}, seed={SEED}; MRPC features [u, v, |u-v|, u*v]",
-            "avg": "plain mean of the seven tasks of a group"},
+        "protocol": f"evaluate.py's docstring; transfer kfold={args.kfold}, seed={SEED}, C in 4^-7..4^1",
         "data_dir": str(root),
         "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
-        "git_commit": git_commit(),
-        "command": sys.argv if argv is None else ["evaluate.py", *argv],
-        "cache": str(encoder.dir) if encoder.dir else None, "sentences_encoded": encoder.n_encoded,
+        "git_commit": git_commit(), "command": sys.argv if argv is None else ["evaluate.py", *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_seconds": round(time.time() - started, 1),
-        "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                     "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
-                     "torch": getattr(sys.modules.get("torch"), "__version__", None)},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+                     "scikit-learn": sklearn.__version__, "torch": getattr(sys.modules.get("torch"), "__version__")},
     }
+    record = {**rows[0], **record} if len(rows) == 1 else {"rows": rows, **record}  # one model: one flat record
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({record['wall_seconds']} s)")
+    if plot:
+        sys.path.insert(0, str(REPO / "docs"))
+        import figures
+        avg = lambda r: float(np.mean([r["summary_x100"][TITLES[n]] for n in STS]))  # noqa: E731
+        figures.scaling([{"model": r["model"], "params": r["params"], "avg": avg(r)} for r in rows], plot)
+        print(f"wrote {plot}")
     return 0
 
 
+def run(argv=None) -> int:
+    """main() as a command (common.cli): a user error or Ctrl-C ends in one line on stderr and exit status 1."""
+    kept = []
+    return cli(lambda a: main(a, kept), argv, interrupted=lambda: kept[-1] if kept else "nothing was written")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

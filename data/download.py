@@ -1,33 +1,33 @@
 #!/usr/bin/env python
-"""Download the evaluation data into the layout that evaluate.py reads (see data/README.md).
+"""Download the data sets into the layout that evaluate.py, icl.py and train_cse.py read (see data/README.md).
 
     python data/download.py                      # everything, into data/ next to this script
     python data/download.py --sets sts,transfer  # only what `evaluate.py --tasks all` needs
+    python data/download.py --list               # what comes from where; nothing is fetched
     python data/download.py --dest /somewhere    # then: export SENTEMB_DATA=/somewhere
 
 Where the files come from: SentEval's own data script (facebookresearch/SentEval,
 data/downstream/get_transfer_data.bash) fetches STS12-16, STS-B, SICK, MR/CR/SUBJ/MPQA, SST,
 TREC and MRPC from their original hosts, several of which are gone now, and then tokenizes
 them. We fetch the result of that script as committed in public SimCSE checkouts, at pinned
-commits, plus the original STS releases (sts_raw/), PromptEOL's demonstrations
+commits, plus the original STS releases (sts_raw/), PromptEOL's 300 demonstrations
 (kongds/scaling_sentemb) and SimCSE's NLI training triplets (princeton-nlp on Hugging Face).
 Every file except that last one is checked against its sha256 below, so a download is
 byte-identical to the data the project's numbers were measured on. Files already present
 with the right checksum are skipped, and each file is written atomically: rerunning after an
-interruption resumes. Derived files (WordNet definitions, the partial NLI triplets, XNLI tsv)
-are not downloaded.
+interruption resumes. The files in NOT_DOWNLOADED are derived ones; --list says where each comes from.
 """
 import argparse
 import hashlib
 import io
-import os
 import pathlib
 import sys
-import urllib.error
 import urllib.request
 import zipfile
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import UserError, atomic, cli  # noqa: E402
 COMMITS = {
     "leotmc/simcse": "e0b62fcef5dadeeef55aef3b640ab219860c201b",          # SentEval data: STS, SICK
     "robertoviegas/SimCSE": "a0d98a537ceffe5f728077dd0930c41171db2d16",   # SentEval data: transfer, SNLI
@@ -59,6 +59,12 @@ ZIPPED = {"sts/sts15/answers-forums-attribution":
           ("leotmc/simcse", f"{SE}/STS/STS15-en-test/STS.answers-forums.zip", "STS.answers-forums")}
 NLI_FOR_SIMCSE = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/nli_for_simcse.csv"
 SETS = ["sts", "sts_raw", "transfer", "icl", "nli"]
+NOT_DOWNLOADED = {  # read by some script, but built here rather than published anywhere
+    "dict/wordnet30_word_definitions.tsv.gz": "icl.py candidates --source wordnet; derived from Princeton WordNet 3.0 "
+    "(Debian package wordnet-base 1:3.0-37, usr/share/wordnet/{index,data}.*), see the shared data's MANIFEST.md",
+    "nli/nli_triplets_partial.csv": "train_cse.py's fallback when nli/nli_for_simcse.csv is absent; derived from "
+    "SNLI dev/test (nli/snli_senteval) and XNLI-en, see the shared data's README.md",
+}
 
 # sha256 and local path of every file, as listed in the shared data's MANIFEST.md
 SHA256 = """
@@ -237,24 +243,35 @@ def source(path):
     return f"https://raw.githubusercontent.com/{repo}/{COMMITS[repo]}/{remote + '/' if remote else ''}{name}", None
 
 
+def plan(root, sets):
+    """[(path, sha256)] of the checksummed files of `sets` that are missing under root or differ."""
+    wanted = [line.split()[::-1] for line in SHA256.strip().splitlines()]
+    return [(path, sha) for path, sha in wanted if path.split("/")[0] in sets and not (
+        (root / path).is_file() and hashlib.sha256((root / path).read_bytes()).hexdigest() == sha)]
+
+
 _ZIPS = {}  # a zip is fetched once for all its members
 
 
-def fetch(url):
-    if url in _ZIPS:
-        return _ZIPS[url]
-    with urllib.request.urlopen(url, timeout=60) as response:
-        data = response.read()
-    if url.endswith(".zip"):
-        _ZIPS[url] = data
-    return data
+def fetch(url, member=None):
+    if url not in _ZIPS:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                _ZIPS[url] = response.read()
+        except OSError as e:  # offline, DNS failure, HTTP error, timeout
+            raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}): this needs internet access; or "
+                            "copy the data from a machine that has it and point SENTEMB_DATA or --data-dir there") from None
+    data = _ZIPS[url] if url.endswith(".zip") else _ZIPS.pop(url)
+    return zipfile.ZipFile(io.BytesIO(data)).read(member) if member else data
 
 
-def write_atomically(dest, data):
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+def write(dest, data):
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic(dest) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        raise UserError(f"cannot write {dest}: {e.strerror}") from None
 
 
 def main(argv=None):
@@ -263,50 +280,36 @@ def main(argv=None):
     p.add_argument("--sets", default=",".join(SETS),
                    help=f"comma-separated subset of {','.join(SETS)} (default: all). nli = SNLI dev/test "
                         "in SentEval form plus SimCSE's 275k training triplets (nli_for_simcse.csv)")
+    p.add_argument("--list", action="store_true", help="print what would be fetched from where, and fetch nothing")
     args = p.parse_args(argv)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     if not sets or set(sets) - set(SETS):
-        print(f"download.py: error: --sets takes names from {','.join(SETS)}", file=sys.stderr)
-        return 1
+        raise UserError(f"--sets takes names from {','.join(SETS)}")
     root = pathlib.Path(args.dest).expanduser()
-    wanted = [line.split() for line in SHA256.strip().splitlines()]
-    wanted = [(path, sha) for sha, path in wanted if path.split("/")[0] in sets]
-    url, got, present = None, 0, 0
-    try:
-        for path, sha in wanted:
-            dest = root / path
-            if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha:
-                present += 1
-                continue
-            url, member = source(path)
-            data = fetch(url)
-            if member:
-                data = zipfile.ZipFile(io.BytesIO(data)).read(member)
-            if hashlib.sha256(data).hexdigest() != sha:
-                print(f"download.py: error: {url} ({path}) does not have the expected sha256 {sha}", file=sys.stderr)
-                return 1
-            write_atomically(dest, data)
-            got += 1
-            print(f"  {path}")
-        if "nli" in sets and (root / "nli" / "nli_for_simcse.csv").exists():
-            present += 1
-        elif "nli" in sets:  # no published checksum: the file is taken as served
-            url = NLI_FOR_SIMCSE
-            print("  nli/nli_for_simcse.csv (large, please wait)")
-            write_atomically(root / "nli" / "nli_for_simcse.csv", fetch(url))
-            got += 1
-    except urllib.error.URLError as e:  # offline, DNS failure, HTTP error
-        reason = getattr(e, "reason", e)
-        print(f"download.py: error: cannot download {url} ({reason}); this needs internet access -- "
-              "or copy the data from a machine that has it and point SENTEMB_DATA or --data-dir there",
-              file=sys.stderr)
-        return 1
-    except OSError as e:  # timeouts, an unwritable --dest
-        print(f"download.py: error: {e.__class__.__name__}: {e} (while fetching {url} into {root})", file=sys.stderr)
-        return 1
-    print(f"{got} files downloaded, {present} already present, in {root}")
+    todo = plan(root, sets)
+    nli = "nli" in sets and not (root / "nli" / "nli_for_simcse.csv").exists()  # no published checksum
+    if args.list:
+        for path, _ in todo:
+            print(f"{path}  <-  {' member '.join(filter(None, source(path)))}")
+        if nli:
+            print(f"nli/nli_for_simcse.csv  <-  {NLI_FOR_SIMCSE}")
+        for path, origin in NOT_DOWNLOADED.items():
+            print(f"{path}  not downloaded: {origin}")
+        return 0
+    for path, sha in todo:
+        url, member = source(path)
+        data = fetch(url, member)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise UserError(f"{url} ({path}) does not have the expected sha256 {sha}")
+        write(root / path, data)
+        print(f"  {path}")
+    if nli:
+        print("  nli/nli_for_simcse.csv (large, please wait)")
+        write(root / "nli" / "nli_for_simcse.csv", fetch(NLI_FOR_SIMCSE))
+    print(f"{len(todo) + nli} files downloaded into {root}; not downloaded (derived): {', '.join(NOT_DOWNLOADED)} "
+          "(`--list` says where they come from)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main, interrupted="each file downloaded so far is complete; a rerun resumes"))
