@@ -137,6 +137,12 @@ def content_id(folder, pattern="adapter_model.*"):
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
 
 
+def fingerprint(weights, adapter=None, **settings) -> dict:
+    """An encoder's identity, which keys its cache: its settings, the weight files' identity and the adapter's
+    content, so new weights or a retrained adapter at an old path make a new encoder."""
+    return dict(settings, weights=files_id(weights), adapter=adapter, adapter_sha256=content_id(adapter), version=2)
+
+
 def fingerprint_key(fingerprint) -> str:
     """sha256 of the canonical JSON of an encoder fingerprint: the cache folder's name."""
     text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

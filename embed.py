@@ -1,33 +1,31 @@
-"""Sentence embeddings from a decoder LLM with PromptEOL (Jiang et al. 2023).
-
-PromptEOL asks the model to squeeze the sentence into one word,
-    This sentence : "<sentence>" means in one word:"
-and takes the final hidden state of the last token -- the state from which the
-model would predict that word. One demonstration in front of the template,
-    This sentence : "A jockey riding a horse." means in one word:"Equestrian".
-(in-context learning) raises STS scores without any training.
+"""Sentence embeddings from a decoder LLM with PromptEOL (Jiang et al. 2023): the final hidden state of the last
+token of `This sentence : "<sentence>" means in one word:"`, the state from which the model would predict that
+word. A demonstration in front (`This sentence : "A jockey riding a horse." means in one word:"Equestrian".`,
+in-context learning) raises STS scores without any training. `prompteol` below is the whole method; `Embedder`
+computes the same vectors faster: the shared prefix (demonstrations + `This sentence :`) runs once and its
+key/value cache serves every sentence, and sentences sorted by length fill batches with little padding.
 
     python embed.py "A man plays a guitar." "Someone is playing music." "A woman slices an onion."
     python embed.py --input sentences.txt --output emb.npy
-
-Speed: the shared prefix (demonstrations + `This sentence :`) runs once and its
-key/value cache serves every sentence; sentences are sorted by length so batches
-carry little padding; no LM head runs.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+import common  # before torch: it sets OpenMP's waiting policy
 import torch
+from common import UserError, atomic, fingerprint, parse_demonstrations
+from tqdm import tqdm
 
 import model as M
-from common import content_id, files_id, parse_demonstrations
 
 # The sentence goes where {sentence} is; the template and the pooling are separate choices.
 TEMPLATES = {
@@ -35,16 +33,9 @@ TEMPLATES = {
     "prompt": 'This sentence : "{sentence}" means',              # PromptBERT-style, no "in one word"
     "none": "{sentence}",                                        # the bare sentence
 }
-POOLINGS = ("last", "mean")   # the last token's state (left padding), or the mean over the sentence's tokens
+POOLINGS = ("last", "mean")   # the last token's state (left padding), or the mean over the prompt's tokens but BOS
 DEMO_FORMAT = 'This sentence : "{sentence}" means in one word:"{word}".'
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"
-
-
-def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
-    """The demonstration each alias uses unless told otherwise (data/demonstrations.json)."""
-    table = json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
-    d = table.get(model_name)
-    return [(d["sentence"], d["word"])] if d else []
 
 
 def preprocess(s: str) -> str:
@@ -73,11 +64,17 @@ def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_t
 @torch.inference_mode()
 def prompteol(model, tok, sentences, demonstrations=(), max_tokens=None) -> torch.Tensor:
     """PromptEOL, the whole method in one batch: (n, H) final-norm hidden states of each prompt's last token.
-    The reference that Embedder.encode must equal; it adds a prefix cache, length sorting and batching."""
+    The reference that Embedder.encode equals; it adds a prefix cache, length sorting and batching."""
     demo_text = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in demonstrations)
     prompts = [render(tok, s, "eol", demo_text, max_tokens)[0] for s in sentences]
     ids, mask = tok.pad([tok.encode(p) for p in prompts], device=model.embeddings().weight.device)  # left padding
     return model(ids, mask)[:, -1]                                   # (B, T, H) -> (B, H): the last token
+
+
+def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
+    """The demonstration each alias uses unless told otherwise (data/demonstrations.json)."""
+    d = json.loads(DEFAULTS_FILE.read_text()).get(model_name) if DEFAULTS_FILE.exists() else None
+    return [(d["sentence"], d["word"])] if d else []
 
 
 class Embedder:
@@ -87,113 +84,102 @@ class Embedder:
                  demonstrations="default", max_tokens: int | None = None, batch_size: int = 64, device=None,
                  dtype=None, bits=None, adapter: str | None = None):
         if template not in TEMPLATES or pooling not in POOLINGS:
-            raise ValueError(f"unknown template {template!r} or pooling {pooling!r}: choose a template from "
-                             f"{', '.join(TEMPLATES)} and a pooling from {', '.join(POOLINGS)}")
-        if demonstrations == "default":  # a fine-tuned (adapter) model is used without ICL, as in the paper
+            raise UserError(f"unknown template {template!r} or pooling {pooling!r}: choose a template from "
+                            f"{', '.join(TEMPLATES)} and a pooling from {', '.join(POOLINGS)}")
+        if demonstrations is None or demonstrations == "default":  # an adapter is used without ICL, as in the paper
             paper = template == "eol" and pooling == "last" and not adapter
             demonstrations = default_demonstrations(model) if paper else []
-        demonstrations = demonstrations or []
-        if demonstrations and template != "eol":
-            raise ValueError(f"demonstrations need the 'eol' template, not {template!r}")
         if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
-            raise ValueError("max_tokens and batch_size must be positive")
+            raise UserError("max_tokens and batch_size must be positive")
+        self.template, self.pooling, self.max_tokens, self.batch_size = template, pooling, max_tokens, batch_size
         self.model, self.tok = M.load(model, dtype=dtype, device=device, bits=bits)
         if adapter:
             import lora
             lora.load_adapter(self.model, adapter)
             self.model.eval()
-        self.device = self.model.embeddings().weight.device
-        self.template, self.pooling, self.max_tokens, self.batch_size = template, pooling, max_tokens, batch_size
-        self.max_positions = self.model.config.max_position_embeddings
+        self.device, self.dtype = self.model.embeddings().weight.device, self.model.embeddings().weight.dtype
         self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
-        self.fingerprint = {
-            "model": model, "weights": files_id(self.model.source), "adapter": adapter,
-            "adapter_sha256": content_id(adapter), "bits": bits, "dtype": str(self.model.embeddings().weight.dtype),
-            "template": TEMPLATES[template], "pooling": pooling, "max_tokens": max_tokens, "version": 2}
+        self.fingerprint = fingerprint(self.model.source, adapter, model=model, bits=bits, dtype=str(self.dtype),
+                                       template=TEMPLATES[template], pooling=pooling, max_tokens=max_tokens)
         self._set_demonstrations(demonstrations)
 
-    def _set_demonstrations(self, demonstrations):
-        self.demonstrations = [tuple(d) for d in demonstrations]
+    def _set_demonstrations(self, demos):
+        pairs = isinstance(demos, (list, tuple)) and all(
+            isinstance(d, (list, tuple)) and len(d) == 2 and all(isinstance(x, str) for x in d) for d in demos)
+        if not pairs:
+            raise UserError(f"demonstrations must be a list of (sentence, word) pairs of strings, not {demos!r:.80}")
+        if demos and self.template != "eol":
+            raise UserError(f"demonstrations need the 'eol' template, not {self.template!r}")
+        self.demonstrations = [tuple(d) for d in demos]
         self.fingerprint = dict(self.fingerprint, demonstrations=[list(d) for d in self.demonstrations])
-        # The cached prefix stops at the last whitespace before the sentence slot
-        # (`...This sentence :`), a boundary no BPE merge crosses in practice; each
-        # sentence's full prompt is tokenized whole and checked to start with it.
+        # The cached prefix stops at the last whitespace before the sentence slot (`...This sentence :`), a
+        # boundary no BPE merge crosses in practice; each full prompt is tokenized whole and checked to start
+        # with it. Mean pooling averages the whole prompt, so it runs without the cache.
         self.demo_text = "".join(DEMO_FORMAT.format(sentence=s, word=w) for s, w in self.demonstrations)
         head = self.demo_text + TEMPLATES[self.template].split("{sentence}")[0]
-        self.prefix_text = head[:head.rfind(" ")] if " " in head else ""
+        self.prefix_text = head[:head.rfind(" ")] if " " in head and self.pooling == "last" else ""
         self.prefix_ids = self.tok.encode(self.prefix_text) if self.prefix_text else []
         self._past = None
 
     def with_demonstrations(self, demonstrations) -> "Embedder":
         """A copy sharing the loaded model, with other demonstrations (for the ICL search)."""
-        if demonstrations and self.template != "eol":
-            raise ValueError(f"demonstrations need the 'eol' template, not {self.template!r}")
         other = copy.copy(self)
         other.stats = dict.fromkeys(self.stats, 0)
         other._set_demonstrations(demonstrations)
         return other
 
-    # ------------------------------------------------------------------ prompts
     def prompt(self, sentence: str) -> tuple[str, bool]:
         return render(self.tok, sentence, self.template, self.demo_text, self.max_tokens)
 
     def tokenize(self, sentences):
-        """-> list of (prompt ids after the cached prefix, or full ids if it doesn't match, uses_prefix)."""
-        out, P = [], len(self.prefix_ids)
-        for s in sentences:
+        """-> [(prompt ids after the cached prefix, or all ids if it doesn't match; uses the prefix)]."""
+        if isinstance(sentences, str):
+            raise UserError("encode takes a list of sentences, not one string")
+        out, empty, P, limit = [], [], len(self.prefix_ids), self.model.config.max_position_embeddings
+        for n, s in enumerate(sentences, 1):
+            if not isinstance(s, str):
+                raise UserError(f"encode takes strings: sentences[{n - 1}] is of type {type(s).__name__}")
             text, cut = self.prompt(s)
             self.stats["truncated"] += cut
             ids = self.tok.encode(text)
-            if len(ids) > self.max_positions:
-                raise ValueError(f"sentence {len(out)} needs {len(ids)} tokens with its prompt, more than the "
-                                 f"model's {self.max_positions} positions: pass --max-tokens N to cut sentences")
+            if len(ids) > limit:
+                raise UserError(f"sentence at line {n} needs {len(ids)} tokens with its prompt, more than the "
+                                f"model's {limit} positions: pass --max-tokens N to cut sentences")
+            if not (ids if self.pooling == "last" else [t for t in ids if t != self.tok.bos_id]):
+                empty.append(str(n))
             hit = P > 0 and ids[:P] == self.prefix_ids and len(ids) > P
             out.append((ids[P:] if hit else ids, hit))
+        if empty:
+            raise UserError(f"empty sentence at line {', '.join(empty)} (counting from 1): template 'none' and "
+                            f"{self.pooling} pooling leave it no token to pool; drop empty lines or choose a template")
+        return out
+
+    def batches(self, items):
+        """-> [(uses the prefix cache, indices)]: longest first, so the first batch shows the peak memory;
+        sentences with and without the cached prefix go in separate batches."""
+        out = []
+        for hit in (True, False):
+            idx = sorted((i for i, (_, h) in enumerate(items) if h == hit), key=lambda i: -len(items[i][0]))
+            out += [(hit, idx[j:j + self.batch_size]) for j in range(0, len(idx), self.batch_size)]
         return out
 
     @torch.inference_mode()
-    def prefix_cache(self):
-        if self._past is None and self.prefix_ids:
-            ids = torch.tensor([self.prefix_ids], device=self.device)
-            _, self._past = self.model(ids, use_cache=True)
-        return self._past
-
-    # ------------------------------------------------------------------ encode
-    @torch.inference_mode()
     def encode(self, sentences, normalize: bool = False, progress: bool = False) -> np.ndarray:
-        if isinstance(sentences, str):
-            raise ValueError("encode takes a list of sentences, not one string")
         t0 = time.perf_counter()
-        items = self.tokenize(list(sentences))
-        H = self.model.embeddings().embedding_dim
-        out = np.zeros((len(items), H), dtype=np.float32)
-        # Longest first, so the first batch shows the peak memory; each group (with or
-        # without the cached prefix) is batched separately.
-        order = sorted(range(len(items)), key=lambda i: (not items[i][1], -len(items[i][0])))
-        batches = []
-        for hit in (True, False):
-            idx = [i for i in order if items[i][1] == hit]
-            batches += [(hit, idx[j:j + self.batch_size]) for j in range(0, len(idx), self.batch_size)]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(items), desc="embed", unit="sent", file=sys.stderr)
-        for hit, idx in batches:
-            ids, mask = self.tok.pad([items[i][0] for i in idx], device=self.device)
-            h = self.model(ids, mask, past=self.prefix_cache() if hit else None)       # (B, T, H)
-            if self.pooling == "mean":
-                # Mean over the sentence's real tokens only: padding never counts, nor
-                # does BOS (an attention-sink token whose huge state would dominate).
-                m = mask if self.tok.bos_id is None else mask * (ids != self.tok.bos_id)
-                emb = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-            else:
-                emb = h[:, -1]                                                      # last token (left padding)
+        items = self.tokenize(sentences)
+        out = np.zeros((len(items), self.model.embeddings().embedding_dim), dtype=np.float32)
+        if self._past is None and self.prefix_ids:   # the shared prefix runs once; its key/value cache is kept
+            _, self._past = self.model(torch.tensor([self.prefix_ids], device=self.device), use_cache=True)
+        for hit, idx in tqdm(self.batches(items), "embed", unit="batch", disable=not progress, file=sys.stderr):
+            ids, mask = self.tok.pad([items[i][0] for i in idx], device=self.device)   # (B, T), left padding
+            h = self.model(ids, mask, past=self._past if hit else None)      # (B, T, H)
+            if self.pooling == "last":
+                emb = h[:, -1]                                     # (B, H): the last token's state, PromptEOL
+            else:  # real tokens only: never padding, nor BOS (an attention sink whose huge state would dominate)
+                m = mask if self.tok.bos_id is None else mask * (ids != self.tok.bos_id)        # (B, T)
+                emb = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)                         # (B, H)
             out[idx] = emb.float().cpu().numpy()
-            self.stats["tokens"] += int(mask.sum()) + len(idx) * (len(self.prefix_ids) if hit else 0)
-            if bar:
-                bar.update(len(idx))
-        if bar:
-            bar.close()
+            self.stats["tokens"] += int(mask.sum()) + len(idx) * len(self.prefix_ids) * hit
         self.stats["sentences"] += len(items)
         self.stats["seconds"] += time.perf_counter() - t0
         if normalize:
@@ -203,104 +189,92 @@ class Embedder:
 
 # ---------------------------------------------------------------------- CLI
 def read_lines(path: str | None) -> list[str]:
-    if path is None:
-        if sys.stdin.isatty():
-            raise ValueError("no input: pass sentences as arguments, --input FILE, or pipe them on stdin")
-        data, name = sys.stdin.buffer.read(), "stdin"
-    else:
-        try:
-            data, name = Path(path).read_bytes(), path
-        except OSError as e:
-            raise ValueError(f"cannot read {path}: {e.strerror}") from None
     try:
-        text = data.decode("utf-8-sig")
+        data = sys.stdin.buffer.read() if path is None else Path(path).read_bytes()
+        lines = data.decode("utf-8-sig").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{name} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                         f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
-    lines = text.splitlines()
+        raise UserError(f"{path or 'stdin'} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
     if not lines:
-        raise ValueError(f"{name} is empty: nothing to embed")
+        raise UserError(f"{path or 'stdin'} is empty: nothing to embed")
     return lines
 
 
-def check_output(path: str | None):
+def check_output(path: str | None, quick: bool):
     if path is None:
-        return
+        if quick:
+            return
+        raise UserError("no --output: pass --output FILE (.npy, .safetensors or .jsonl) to keep the embeddings")
     p = Path(path)
     if p.suffix not in (".npy", ".safetensors", ".jsonl"):
-        raise ValueError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
-    if p.is_dir() or not p.parent.exists():
-        raise ValueError(f"--output {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
-    try:  # fail now, not after the embedding work
-        with open(p, "ab"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--output {path} is not writable: {e.strerror}") from None
+        raise UserError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
+    if p.is_dir() or not p.parent.is_dir():
+        raise UserError(f"--output {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
+    if not os.access(p.parent, os.W_OK):
+        raise UserError(f"--output {path}: its folder is not writable")
 
 
 def write_output(path: str, sentences, emb: np.ndarray):
-    p = Path(path)
-    if p.suffix == ".npy":
-        np.save(p, emb)
-    elif p.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file({"embeddings": emb}, str(p))
-    else:
-        with open(p, "w", encoding="utf-8") as f:
-            for s, e in zip(sentences, emb):
-                f.write(json.dumps({"sentence": s, "embedding": [round(float(x), 6) for x in e]}) + "\n")
+    """Written to a temporary file renamed at the end: a failed run leaves no partial file."""
+    try:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
+            if path.endswith(".npy"):
+                np.save(f, emb)
+            elif path.endswith(".safetensors"):
+                from safetensors.numpy import save
+                f.write(save({"embeddings": emb}))
+            else:
+                for s, e in zip(sentences, emb):
+                    row = {"sentence": s, "embedding": [round(float(x), 6) for x in e]}
+                    f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; nothing was written") from None
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="PromptEOL sentence embeddings from a decoder LLM.")
     ap.add_argument("sentences", nargs="*", help="quick mode: embed these and print their cosine similarities")
     ap.add_argument("--model", default=M.DEFAULT_MODEL,
-                    help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: {M.DEFAULT_MODEL}, offline)")
-    ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines are kept as rows")
-    ap.add_argument("--output", help="write embeddings to .npy, .safetensors or .jsonl (rows in input order)")
-    ap.add_argument("--template", default="eol", choices=list(TEMPLATES), help="eol = PromptEOL (paper); prompt = "
-                    "without 'in one word'; none = the bare sentence (default: eol)")
-    ap.add_argument("--pooling", default="last", choices=POOLINGS,
-                    help="last = the last token's state (paper); mean = mean over the sentence's tokens")
+                    help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: %(default)s)")
+    ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines stay rows")
+    ap.add_argument("--output", help=".npy, .safetensors or .jsonl file for the embeddings, in input order")
+    ap.add_argument("--template", default="eol", choices=TEMPLATES,
+                    help="eol: PromptEOL (paper); prompt: no 'in one word'; none: the bare sentence")
+    ap.add_argument("--pooling", default="last", choices=POOLINGS, help="last token's state (paper) or prompt mean")
     ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
-                    help="in-context demonstration (repeatable), or 'none'; default: the model's own "
-                         "from data/demonstrations.json (none with --adapter)")
-    ap.add_argument("--max-tokens", type=int, help="cut each sentence to this many tokens before templating "
-                    "(default: no cut, as in the paper's evaluation)")
+                    help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
+    ap.add_argument("--max-tokens", type=int, help="cut each sentence to this many tokens (default: no cut)")
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPUs)")
     ap.add_argument("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears (bitsandbytes)")
     ap.add_argument("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
-    try:
-        demos = parse_demonstrations(args.demonstration)
-        demos = "default" if demos is None else demos
-        M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
-        sentences = args.sentences or read_lines(args.input)
-        check_output(args.output)
-        emb = Embedder(args.model, args.template, args.pooling, demos, args.max_tokens, args.batch_size,
-                       args.device, args.dtype, args.bits, args.adapter)
-        vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
-        if args.output:
-            write_output(args.output, sentences, vecs)
-        if args.sentences:
-            u = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
-            sim = u @ u.T
-            for i, s in enumerate(sentences):
-                print(" ".join(f"{x:6.3f}" for x in sim[i]), " ", s)
-        st = emb.stats
-        empty = sum(1 for s in sentences if not s.strip())
-        print(f"{st['sentences']} sentences, {st['tokens']} tokens, {st['seconds']:.2f} s, "
-              f"{st['sentences'] / max(st['seconds'], 1e-9):.1f} sentences/s"
-              + (f", {st['truncated']} truncated to {args.max_tokens} tokens" if st["truncated"] else "")
-              + (f", {empty} empty lines kept as rows" if empty else "")
-              + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
+    device = common.device(args.device)
+    M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
+    if not (args.sentences or args.input) and sys.stdin.isatty():
+        raise UserError("no input: pass sentences as arguments, --input FILE, or pipe them on stdin")
+    check_output(args.output, quick=bool(args.sentences))
+    sentences = args.sentences or read_lines(args.input)
+    emb = Embedder(args.model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
+                   demonstrations=parse_demonstrations(args.demonstration), batch_size=args.batch_size,
+                   device=device, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
+    vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
+    if args.output:
+        write_output(args.output, sentences, vecs)
+    if args.sentences:
+        u = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+        for s, row in zip(sentences, u @ u.T):
+            print(" ".join(f"{x:6.3f}" for x in row), " ", s)
+    st, empty = emb.stats, sum(1 for s in sentences if not s.strip())
+    print(f"{st['sentences']} sentences, {st['tokens']} tokens, {st['seconds']:.2f} s, "
+          f"{st['sentences'] / max(st['seconds'], 1e-9):.1f} sentences/s in {str(emb.dtype).removeprefix('torch.')}"
+          + (f", {st['truncated']} truncated to {args.max_tokens} tokens" if st["truncated"] else "")
+          + (f", {empty} empty lines kept as rows" if empty else "")
+          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.cli(main, interrupted="nothing was written (an existing --output file is untouched)"))

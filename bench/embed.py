@@ -9,23 +9,22 @@ length and reuses the key/value cache of the shared prefix. Printed: sentences/s
 of each, their ratio, and the peak RSS of the process.
 """
 import argparse
-import os
 import pathlib
 import resource
 import sys
 import time
 
 import numpy as np
-import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import cli, data_dir  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+import torch  # noqa: E402
 import embed as E  # noqa: E402
 import model as M  # noqa: E402
 
 
-def stsb_sentences(n):
-    data = pathlib.Path(os.environ.get("SENTEMB_DATA", ROOT.parent / "shared" / "data"))
+def stsb_sentences(n, data_arg=None):
+    data = data_dir(data_arg)
     out = []
     for line in (data / "sts" / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines():
         c = line.split("\t")
@@ -43,19 +42,20 @@ def transformers_encode(ref, emb, sentences, bs):
     return np.concatenate(out)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="number of STS-B dev sentences")
-    ap.add_argument("--batch-size", type=int, default=64, help="batch size for both")
+    ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass, for both (default 64)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
-    args = ap.parse_args()
+    ap.add_argument("--data-dir", help="evaluation data (default: $SENTEMB_DATA, else data/)")
+    args = ap.parse_args(argv)
     import transformers
-    sents = stsb_sentences(args.n)
+    sents = stsb_sentences(args.n, args.data_dir)
     ref = transformers.LlamaModel.from_pretrained(str(M.resolve(M.DEFAULT_MODEL)), dtype=torch.float32).eval()
     print(f"{len(sents)} STS-B dev sentences, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads")
     print(f"{'setting':<22} {'embed.py sent/s':>16} {'transformers sent/s':>20} {'ratio':>7} {'max |diff|':>11}")
     for name, demos in (("no demonstration", []), ("one demonstration", [("A jockey riding a horse.", "Equestrian")])):
-        emb = E.Embedder(M.DEFAULT_MODEL, demonstrations=demos, batch_size=args.batch_size)
+        emb = E.Embedder(M.DEFAULT_MODEL, demonstrations=demos, batch_size=args.batch_size, dtype="float32")
         ours = theirs = 0.0
         for _ in range(args.repeats):
             t = time.perf_counter(); a = emb.encode(sents); ours = max(ours, len(sents) / (time.perf_counter() - t))
@@ -66,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))
