@@ -402,6 +402,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
 
 def quantize(lin: nn.Linear, bits, dtype, device):
     """nn.Linear -> bitsandbytes Linear4bit (NF4, double quantization, computing in dtype) or Linear8bitLt."""
+    import logging
+    # bitsandbytes warns at import when its optional faster CPU 4-bit kernel (package `kernels`) is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
     n_in, n_out, bias, w = lin.in_features, lin.out_features, lin.bias is not None, lin.weight.data.cpu()
     if bits == 4:

@@ -8,6 +8,7 @@ from torch import nn
 import lora as L
 import model as M
 from bench.quant import weight_bytes
+from common import UserError
 from test_model import batch, hf_model, ref_hidden, save
 
 transformers = pytest.importorskip("transformers")
@@ -66,9 +67,9 @@ def test_zero_B_is_the_base_and_targets(ckpt):
     m = L.add_lora(ours(ckpt, "llama"), r=4, targets=["q_proj", "v_proj"])
     want = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
     assert sorted(L._lora_layers(m)) == want
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(UserError, match="already has LoRA"):
         L.add_lora(m)
-    with pytest.raises(ValueError, match="'fc1' matches no linear layer"):
+    with pytest.raises(UserError, match="'fc1' matches no linear layer"):
         L.add_lora(ours(ckpt, "llama"), targets=["q_proj", "fc1"])
 
 
@@ -102,7 +103,7 @@ def test_4bit_merge_needs_dequantize(ckpt):
     m = L.add_lora(ours(ckpt, "llama", bits=4), r=8)
     randomize_B(m)
     before = real(m, IDS, MASK)
-    with pytest.raises(ValueError, match="Linear4bit.*dequantize=True"):
+    with pytest.raises(UserError, match="Linear4bit.*dequantize=True"):
         L.merge_lora(m)
     L.merge_lora(m, dequantize=True)
     assert type(m.model.layers[1].mlp.down_proj) is nn.Linear
@@ -152,34 +153,61 @@ def test_save_load_round_trip_and_bin(ckpt, tmp_path):
     got = L.load_adapter(ours(ckpt, "llama"), out)
     torch.testing.assert_close(real(got, IDS, MASK), want, atol=0, rtol=0)
     (out / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match="holds more than an adapter"):
+    with pytest.raises(UserError, match="holds more than an adapter"):
         L.save_adapter(m, out)
 
 
 def test_mismatched_adapters_fail_clearly(ckpt, tmp_path):
     opt = L.add_lora(ours(ckpt, "opt"), r=4)
     L.save_adapter(opt, tmp_path / "opt")
-    with pytest.raises(ValueError, match=r"it adapts model\.decoder\.layers\.0\.fc1, which the model does not have"):
+    with pytest.raises(UserError, match=r"it adapts model\.decoder\.layers\.0\.fc1, which the model does not have"):
         L.load_adapter(ours(ckpt, "llama"), tmp_path / "opt")
     # same names, other widths: the first mis-shaped tensor is named
     wide = dict(LLAMA, intermediate_size=192)
     save(hf_model(wide), tmp_path / "wide")
     L.save_adapter(L.add_lora(M.load(str(tmp_path / "wide"))[0], r=4, targets=["up_proj"]), tmp_path / "w")
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.lora_B\.weight has shape \(192, 4\), "
-                                         r"expected \(128, 4\)"):
-        L.load_adapter(ours(ckpt, "llama"), tmp_path / "w")
+    m = ours(ckpt, "llama")
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj\.lora_B\.weight has shape \(192, 4\), "
+                                        r"expected \(128, 4\)"):
+        L.load_adapter(m, tmp_path / "w")
+    assert not L._lora_layers(m)   # checked before the model changes
     # a shallower adapter: target_modules cover layer 1, the file has no weights for it
     conf = json.loads((tmp_path / "opt" / "adapter_config.json").read_text())
     from safetensors.torch import load_file, save_file
     f = str(tmp_path / "opt" / "adapter_model.safetensors")
     save_file({k: v for k, v in load_file(f).items() if ".layers.1." not in k}, f)
-    with pytest.raises(ValueError, match=r"cover model\.decoder\.layers\.1\.[\w.]+ but it has no weights"):
+    with pytest.raises(UserError, match=r"cover model\.decoder\.layers\.1\.[\w.]+ but it has no weights"):
         L.load_adapter(ours(ckpt, "opt"), tmp_path / "opt")
-    (tmp_path / "opt" / "adapter_config.json").write_text(json.dumps(conf | {"use_dora": True}))
-    with pytest.raises(ValueError, match="uses use_dora: not supported"):
-        L.load_adapter(ours(ckpt, "opt"), tmp_path / "opt")
-    with pytest.raises(ValueError, match="could not be fetched from the Hugging Face Hub"):
+    with pytest.raises(UserError, match="could not fetch adapter 'nobody/no-such-adapter' from the Hugging Face Hub"):
         L.load_adapter(ours(ckpt, "opt"), "nobody/no-such-adapter")
+    (tmp_path / "opt" / "adapter_config.json").write_text("{")
+    with pytest.raises(UserError, match=r"is not a PEFT adapter: adapter_config\.json: Expecting"):
+        L.load_adapter(ours(ckpt, "opt"), tmp_path / "opt")
+    with pytest.raises(UserError, match="is not a PEFT adapter: adapter_config.json: No such file"):
+        L.load_adapter(ours(ckpt, "opt"), tmp_path)
+
+
+def test_config_allowlist(ckpt, tmp_path):
+    """PEFT's own config (every key, defaults included) loads; a key that changes what the adapter computes,
+    or one lora.py does not know, is refused by name unless it is off."""
+    cfg = LLAMA
+    ref = peft.get_peft_model(hf_model(cfg), peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                              init_lora_weights="gaussian"))
+    ref.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {"use_dora", "use_rslora", "megatron_core", "init_lora_weights"} <= set(conf)   # PEFT writes every key
+    L.load_adapter(ours(ckpt, "llama"), tmp_path)
+    harmless = {"revision": "main", "layers_to_transform": [0, 1], "no_such_option": None, "use_qalora": False}
+    for extra, refused in [(harmless, None), ({"use_dora": True}, "use_dora=True"), ({"bias": "all"}, "bias='all'"),
+                           ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
+                           ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+                           ({"peft_type": "IA3"}, "peft_type='IA3'"), ({"no_such_option": 3}, "no_such_option=3")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(conf | extra))
+        if refused is None:
+            L.load_adapter(ours(ckpt, "llama"), tmp_path)
+            continue
+        with pytest.raises(UserError, match=rf"^adapter {tmp_path}: {refused} is not supported by lora\.py"):
+            L.load_adapter(ours(ckpt, "llama"), tmp_path)
 
 
 # ----------------------------------------------------------------------------- 4-bit / 8-bit bases
