@@ -137,7 +137,7 @@ def search(base, candidates, data=None, start_pairs=100, eta=3.0, rounds=None, s
     plan, n_dev = schedule(len(candidates), n_pairs, start_pairs, eta, rounds), unique_sentences(dev, order[:n_pairs])
     need, brute = planned_encodings(plan, dev, order), len(candidates) * n_dev
     print(f"{len(candidates)} candidates; rounds (candidates x pairs): {', '.join(f'{c} x {p}' for c, p in plan)}; "
-          f"{need} encodings ({need / brute:.1%} of brute force), {max(1, max_k) * n_dev} more for the baseline and k > 1",
+          f"{need} encodings ({need / brute:.1%} of brute force) + {max(1, max_k) * n_dev} for baseline and k > 1",
           file=sys.stderr)
     if base is None:
         return {}
