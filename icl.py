@@ -26,6 +26,7 @@ import evaluate as ev
 from common import CachedEncoder, UserError, atomic, cli, data_dir, device, git_commit, parse_demonstrations
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"   # embed.py's defaults
+KEPT = "no output written; a search re-run resumes from the embedding cache"        # what Ctrl-C leaves
 
 
 def read_lines(path) -> list[str]:
@@ -316,4 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main, interrupted="no output written; a search re-run resumes from the embedding cache"))
+    sys.exit(cli(main, interrupted=KEPT))
