@@ -1,30 +1,19 @@
 #!/usr/bin/env python
 """Find the in-context demonstration that PromptEOL puts before its template.
 
-Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models": one
-demonstration -- a sentence and the one word that sums it up --
-    This sentence : "A jockey riding a horse." means in one word:"Equestrian".
-placed before the PromptEOL template raises STS scores without any training. Their 300
-candidates were 100 STS-B train sentences labelled with a word by ChatGPT and 200 Oxford
-dictionary definitions with their headword; each was scored by Spearman on STS-B dev and the
-best kept per model (their Table 8). Here:
+Jiang et al. 2023 put one demonstration (`This sentence : "A jockey riding a horse." means in one word:"Equestrian".`)
+before the template: of 300 candidates, the best by STS-B dev Spearman (their Table 8). That search comes first;
+then the extensions: successive halving (the same winner, far fewer encodings), WordNet and self-labelled candidates.
 
-    python icl.py candidates --source paper --out runs/cand-paper.jsonl
-    python icl.py candidates --source wordnet --n 200 --out runs/cand-wordnet.jsonl
-    python icl.py candidates --source self --model smollm2-135m --n 100 --out runs/cand-self.jsonl
-    python icl.py search --model smollm2-135m --candidates runs/cand-*.jsonl --write-default
-
-Candidate files are JSON lines {"sentence", "word", "source"}. The search is successive halving
-over STS-B dev pairs instead of the paper's brute force (300 candidates x 2,909 sentences).
+    python icl.py search --model smollm2-135m --write-default      # the paper's 300 (--rounds 1: brute force)
+    python icl.py candidates --source wordnet --output runs/cand-wordnet.jsonl
+    python icl.py candidates --source self --model smollm2-135m --output runs/cand-self.jsonl
+    python icl.py search --model smollm2-135m --candidates runs/cand-*.jsonl
 """
-from __future__ import annotations
-
 import argparse
 import gzip
-import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -34,201 +23,99 @@ from pathlib import Path
 import numpy as np
 
 import evaluate as ev
-from common import DOWNLOAD_HINT, CachedEncoder, UserError, data_dir, git_commit
+from common import CachedEncoder, UserError, atomic, cli, data_dir, device, git_commit, parse_demonstrations
 
-REPO = Path(__file__).resolve().parent
-DEFAULTS_FILE = REPO / "data" / "demonstrations.json"   # what embed.default_demonstrations reads
-WORD = re.compile(r"[A-Za-z][A-Za-z-]*")                # one word, as in all of the paper's picks
+DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"   # embed.py's defaults
+KEPT = "no output written; a search re-run resumes from the embedding cache"        # what Ctrl-C leaves
 
 
-# ----------------------------------------------------------------------------- candidates
+def read_lines(path) -> list[str]:
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+# ----------------------------------------------------------------------------- the paper
 def paper_candidates(data=None) -> list[dict]:
-    """The paper's 300 (kongds/scaling_sentemb icl_examples.txt): each line is a whole
-    one-demonstration template with spaces written as `_`; the demonstration's sentence and
-    word are inside its first two pairs of quotes."""
-    path = data_dir(data) / "icl" / "icl_examples.txt"
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.replace("_", " ").split('"')
+    """The paper's 300 (icl_examples.txt): each line is a template with spaces as `_` and one demonstration,
+    whose sentence and word are inside the first two pairs of quotes."""
+    path = data_dir(data, need="icl") / "icl" / "icl_examples.txt"
+    rows = [line.replace("_", " ").split('"') for line in read_lines(path)]
+    for n, parts in enumerate(rows, 1):
         if len(parts) < 5 or not parts[1].strip() or not parts[3].strip():
-            raise ValueError(f"{path}:{n}: expected the demonstration inside the first two pairs of quotes")
-        out.append({"sentence": parts[1].strip(), "word": parts[3].strip(), "source": "paper"})
-    return out
+            raise UserError(f"{path}:{n}: expected the demonstration inside the first two pairs of quotes")
+    return [{"sentence": parts[1].strip(), "word": parts[3].strip(), "source": "paper"} for parts in rows]
 
 
-def wordnet_candidates(data=None, n=200, seed=0, max_definition_words=12, min_senses=2) -> list[dict]:
-    """Definition -> headword pairs from WordNet 3.0, written like the paper's dictionary
-    entries ("meat from a deer." -> "Venison"). Kept: the first (most frequent) sense of a
-    lower-case alphabetic single word of 3-12 letters with at least `min_senses` senses (a
-    proxy for a common word: frequent words are polysemous), a one-clause definition of
-    3..max_definition_words words that does not give the word away (no definition word shares
-    its first four letters). Then a seeded sample of n, one per word."""
-    path = data_dir(data) / "dict" / "wordnet30_word_definitions.tsv.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f][1:]   # word pos sense_rank synset definition examples
-    senses = Counter(r[0] for r in rows)
-    pool = {}
-    for word, _pos, rank, _syn, definition, *_ in rows:
-        tokens = re.findall(r"[a-z]+", definition.lower())
-        if (rank == "1" and word.isascii() and word.isalpha() and word.islower() and 3 <= len(word) <= 12
-                and senses[word] >= min_senses and 3 <= len(definition.split()) <= max_definition_words
-                and not any(c in definition for c in ';()"') and word not in pool
-                and not any(len(os.path.commonprefix([t, word])) >= min(4, len(word)) for t in tokens)):
-            pool[word] = {"sentence": definition.strip().rstrip(".") + ".", "word": word.capitalize(), "source": "wordnet"}
-    words = sorted(pool)
-    pick = np.random.default_rng(seed).choice(len(words), size=min(n, len(words)), replace=False)
-    return [pool[words[i]] for i in sorted(pick)]
+class Scorer:
+    """score(candidate or demonstration list, dev pair indices=None) -> STS-B dev Spearman with those demonstrations
+    (-inf for constant embeddings). One CachedEncoder per demonstration list: a call encodes only new sentences."""
+
+    def __init__(self, base, data=None, cache_dir=None, disk=True):
+        self.base, self.data, self.cache_dir, self.disk, self.encoders = base, data, cache_dir, disk, {}
+        self.n_encoded = 0
+
+    def __call__(self, c, idx=None) -> float:
+        demos = [(c["sentence"], c["word"])] if isinstance(c, dict) else [tuple(d) for d in c]
+        key = json.dumps(demos)
+        if key not in self.encoders:
+            self.encoders[key] = CachedEncoder(self.base.with_demonstrations(demos), self.cache_dir, disk=self.disk)
+        enc, before = self.encoders[key], self.encoders[key].n_encoded
+        s = ev.stsb_dev(enc, self.data, idx)
+        self.n_encoded += enc.n_encoded - before
+        return -math.inf if math.isnan(s) else s
+
+    def drop(self, c):                        # free an eliminated candidate's vectors
+        self.encoders.pop(json.dumps([(c["sentence"], c["word"])]), None)
 
 
-def stsb_train_sentences(data=None) -> list[str]:
-    """Unique STS-B train sentences as released (cased, untokenized, like the paper's picks)."""
-    path = data_dir(data) / "sts_raw" / "stsb" / "sts-train.csv"
-    if not path.is_file():
-        raise UserError(f"missing {path}: {DOWNLOAD_HINT}")
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
-    return list(dict.fromkeys(s.strip() for r in rows if len(r) >= 7 for s in r[5:7] if s.strip()))
+def paper_search(score, candidates) -> list[dict]:
+    """The paper's search: each candidate scored on the whole dev set, best first."""
+    return sorted(({**c, "spearman": score(c)} for c in candidates), key=lambda c: -c["spearman"])
 
 
-def label_words(embedder, sentences, max_new_tokens=8, batch_size=32) -> list[str | None]:
-    """The model's own word for each sentence: greedy decoding after the PromptEOL template
-    (`...means in one word:"`), stopped at the closing quote. None where no single word came
-    before the quote within max_new_tokens. Prompts of equal token length are batched together,
-    so no padding is needed and the key/value cache can grow step by step."""
-    import torch
-    model, tok = embedder.model, embedder.tok
-    prompts = [tok.encode(embedder.prompt(s)[0]) for s in sentences]
-    groups = {}
-    for i, ids in enumerate(prompts):
-        groups.setdefault(len(ids), []).append(i)
-    words = [None] * len(sentences)
-    with torch.inference_mode():
-        for members in groups.values():
-            for j in range(0, len(members), batch_size):
-                rows = members[j:j + batch_size]
-                ids = torch.tensor([prompts[i] for i in rows], device=embedder.device)
-                h, past = model(ids, use_cache=True)
-                new, done = [[] for _ in rows], [False] * len(rows)
-                for _ in range(max_new_tokens):
-                    nxt = model.lm_logits(h[:, -1]).argmax(-1)                  # greedy
-                    for r, t in enumerate(nxt.tolist()):
-                        if done[r]:
-                            continue
-                        new[r].append(t)
-                        text = tok.decode(new[r])
-                        if '"' in text:                                         # the word is closed
-                            done[r] = True
-                            word = text.split('"')[0].strip()
-                            words[rows[r]] = word if WORD.fullmatch(word) else None
-                        elif t == tok.eos_id or "\n" in text:
-                            done[r] = True
-                    if all(done):
-                        break
-                    h, past = model(nxt[:, None], past=past, use_cache=True)
-    return words
+def write_default(alias, entry, path=None):
+    """Put entry under alias in data/demonstrations.json, one line per alias, atomically (all defaults live there)."""
+    path = Path(path or DEFAULTS_FILE)
+    table = {k: v for k, v in (json.loads(path.read_text()) if path.exists() else {}).items() if k != alias}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in {**table, alias: entry}.items()]
+    with atomic(path) as tmp:
+        tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
-def self_candidates(embedder, data=None, n=100, seed=0, max_words=20, max_new_tokens=8) -> list[dict]:
-    """The paper's ChatGPT-labelled STS-B sentences, with the model labelling them itself: a
-    seeded sample of n train sentences of at most max_words words, each given the word the
-    model decodes greedily after the PromptEOL template. Sentences without a clean one-word
-    answer are dropped (reported on stderr)."""
-    pool = [s for s in stsb_train_sentences(data) if len(s.split()) <= max_words and '"' not in s]
-    pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-    sents = [pool[i] for i in sorted(pick)]
-    words = label_words(embedder, sents, max_new_tokens)
-    kept = [{"sentence": s, "word": w, "source": "self"} for s, w in zip(sents, words) if w]
-    print(f"self-labelled {len(kept)} of {len(sents)} sentences (the rest had no one-word answer "
-          f"before the closing quote)", file=sys.stderr)
-    return kept
-
-
-def write_jsonl(path, candidates):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in candidates)
-
-
-def read_candidates(paths) -> list[dict]:
-    """Candidates from JSON-lines files, first occurrence of each (sentence, word) kept."""
-    out = {}
-    for p in paths:
-        for n, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                c = json.loads(line)
-                if not (isinstance(c, dict) and c.get("sentence") and c.get("word")):
-                    raise UserError(f"{p}:{n}: expected a JSON object with sentence, word, source")
-                out.setdefault((c["sentence"], c["word"]), {**c, "source": c.get("source", Path(p).stem)})
-    if not out:
-        raise UserError("no candidates in " + ", ".join(map(str, paths)))
-    return list(out.values())
-
-
-# ----------------------------------------------------------------------------- search
+# ----------------------------------------------------------------------------- extension: successive halving
 def schedule(n_candidates, n_pairs, start_pairs=100, eta=3.0, rounds=None) -> list[tuple[int, int]]:
-    """[(candidates, pairs)] per round of successive halving: round r scores the best
-    ceil(n / eta^r) on start_pairs * eta^r pairs; the last round always uses all n_pairs.
-    rounds=None runs until the pairs reach n_pairs; rounds=1 is brute force."""
-    if eta <= 1 or start_pairs < 2:
-        raise UserError("need --eta > 1 and --start-pairs >= 2")
+    """[(candidates, pairs)] per round: round r scores the best ceil(n / eta^r) on start_pairs * eta^r pairs,
+    the last round on all n_pairs. rounds=None runs until the pairs reach n_pairs; rounds=1 is brute force."""
+    if eta <= 1 or start_pairs < 2 or (rounds is not None and rounds < 1):
+        raise UserError("need --eta > 1, --start-pairs >= 2 and --rounds >= 1")
     start_pairs = min(start_pairs, n_pairs)
     if rounds is None:
         rounds = 1 + math.ceil(math.log(n_pairs / start_pairs, eta) - 1e-9)
-    if rounds < 1:
-        raise UserError("--rounds must be at least 1")
     return [(max(1, math.ceil(n_candidates / eta ** r)),
              n_pairs if r == rounds - 1 else min(n_pairs, round(start_pairs * eta ** r))) for r in range(rounds)]
 
 
 def successive_halving(candidates, score, order, plan, drop=None, progress=False):
-    """Score every candidate on the first plan[0][1] pairs of `order` (a seeded permutation of
-    the dev pairs), keep the best plan[1][0] and score them on the first plan[1][1] pairs, and
-    so on. The subsets are nested, so with a cached encoder each round encodes only the
-    sentences new to it. score(candidate, pair indices) -> Spearman; drop(candidate) is called
-    when a candidate is eliminated (to free its vectors). Returns (ranked, rounds): ranked
-    candidates, those that went furthest first, each with the score of its last round."""
+    """Score all candidates on the first plan[0][1] pairs of `order`, keep the best plan[1][0] for the first
+    plan[1][1] pairs, and so on: nested subsets, so a cached encoder encodes only the new sentences of a round.
+    drop(candidate) frees an eliminated one. -> (ranked, furthest round first, with their last score; rounds)."""
     from tqdm import tqdm
     last, alive, rounds = {}, list(range(len(candidates))), []
     for r, (keep, pairs) in enumerate(plan):
-        if r:
-            ranked = sorted(alive, key=lambda i: -last[i][0])
-            alive = ranked[:keep]
-            for i in ranked[keep:] if drop else []:
-                drop(candidates[i])
+        ranked = sorted(alive, key=lambda i: -last[i][0]) if r else alive
+        alive = ranked[:keep]
+        for i in ranked[keep:] if drop else []:
+            drop(candidates[i])
         idx = sorted(int(i) for i in order[:pairs])
         for i in tqdm(alive, desc=f"round {r + 1}/{len(plan)}: {pairs} pairs", unit="cand", disable=not progress):
-            s = score(candidates[i], idx)
-            last[i] = (-math.inf if math.isnan(s) else s, pairs, r + 1)
+            last[i] = (score(candidates[i], idx), pairs, r + 1)
         rounds.append({"round": r + 1, "pairs": pairs, "candidates": len(alive),
                        "best": max(last[i][0] for i in alive)})
     ranked = sorted(last, key=lambda i: (-last[i][2], -last[i][0]))
     return [{**candidates[i], "spearman": last[i][0], "pairs": last[i][1], "round": last[i][2]} for i in ranked], rounds
-
-
-class Scorer:
-    """STS-B dev Spearman of the base encoder with a given list of demonstrations, through one
-    CachedEncoder per demonstration list: the search's later rounds reuse earlier vectors, and
-    the disk cache lets an interrupted search resume. base needs with_demonstrations()."""
-
-    def __init__(self, base, data=None, cache_dir=None, disk=True):
-        self.base, self.data, self.cache_dir, self.disk, self.encoders = base, data, cache_dir, disk, {}
-        self.n_encoded = 0                    # sentences sent to the model, over all demonstrations
-
-    @staticmethod
-    def demos(c):
-        return [(c["sentence"], c["word"])] if isinstance(c, dict) else [tuple(d) for d in c]
-
-    def __call__(self, c, idx=None) -> float:
-        key = json.dumps(self.demos(c))
-        if key not in self.encoders:
-            enc = self.base.with_demonstrations(self.demos(c))
-            self.encoders[key] = CachedEncoder(enc, self.cache_dir, disk=self.disk)
-        enc = self.encoders[key]
-        before = enc.n_encoded
-        s = ev.stsb_dev(enc, self.data, idx)
-        self.n_encoded += enc.n_encoded - before
-        return s
-
-    def drop(self, c):
-        self.encoders.pop(json.dumps(self.demos(c)), None)
 
 
 def unique_sentences(dev, idx) -> int:
@@ -236,190 +123,198 @@ def unique_sentences(dev, idx) -> int:
 
 
 def planned_encodings(plan, dev, order) -> int:
-    """Encodings a plan needs: each candidate costs the unique sentences of the largest pair
-    subset it reaches (the nested subsets make earlier rounds' vectors reusable)."""
+    """Each candidate costs the unique sentences of the largest pair subset it reaches."""
     keeps = [k for k, _ in plan] + [0]
     return sum((keeps[r] - keeps[r + 1]) * unique_sentences(dev, order[:p]) for r, (_, p) in enumerate(plan))
 
 
-# ----------------------------------------------------------------------------- defaults
-def write_default(alias, entry, path=None):
-    """Put entry (sentence, word, ...) under alias in data/demonstrations.json, as its last
-    line; other aliases keep their lines and order (one JSON object per alias and line)."""
-    path = Path(path or DEFAULTS_FILE)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table.pop(alias, None)
-    table[alias] = entry
-    lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in table.items()]
-    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+def search(base, candidates, data=None, start_pairs=100, eta=3.0, rounds=None, seed=0, dev_pairs=None,
+           max_k=3, cache_dir=None, disk=True, progress=False) -> dict:
+    """Successive halving over seeded dev pairs, then on the full set the baseline without demonstration and the
+    best k = 2..max_k concatenated (the best last, next to the input). Prints the plan first; base=None stops there."""
+    dev = ev.load_stsb(data_dir(data), "dev")
+    order = np.random.default_rng(seed).permutation(len(dev.gold))
+    n_pairs = min(dev_pairs or len(order), len(order))
+    plan, n_dev = schedule(len(candidates), n_pairs, start_pairs, eta, rounds), unique_sentences(dev, order[:n_pairs])
+    need, brute = planned_encodings(plan, dev, order), len(candidates) * n_dev
+    print(f"{len(candidates)} candidates; rounds (candidates x pairs): {', '.join(f'{c} x {p}' for c, p in plan)}; "
+          f"{need} encodings ({need / brute:.1%} of brute force) + {max(1, max_k) * n_dev} for baseline and k > 1",
+          file=sys.stderr)
+    if base is None:
+        return {}
+    score, t0 = Scorer(base, data, cache_dir, disk), time.time()
+    ranked, history = successive_halving(candidates, score, order, plan, score.drop, progress)
+    full = sorted(int(i) for i in order[:n_pairs])
+    best = [[c["sentence"], c["word"]] for c in ranked if c["pairs"] == n_pairs]
+    multi = [{"k": k, "demonstrations": best[:k][::-1], "spearman": score(best[:k][::-1], full)}
+             for k in range(2, min(max_k, len(best)) + 1)]
+    return {"seed": seed, "dev_pairs": n_pairs, "dev_sentences": n_dev, "rounds": history, "k_greater_than_1": multi,
+            "schedule": [{"candidates": c, "pairs": p} for c, p in plan], "no_demonstration": score([], full),
+            "winner": ranked[0], "encodings": {"needed": need, "brute_force": brute, "spent_this_run": score.n_encoded},
+            "search_seconds": round(time.time() - t0, 1), "ranked": ranked}
 
 
-# ----------------------------------------------------------------------------- CLI
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+# ----------------------------------------------------------------------------- extension: WordNet candidates
+def wordnet_candidates(data=None, n=200, seed=0, max_definition_words=12, min_senses=2) -> list[dict]:
+    """Definition -> headword pairs from WordNet 3.0, like the paper's ("meat from a deer." -> "Venison"): the first
+    sense of a lower-case word of 3-12 letters with min_senses senses or more (common words are polysemous), a
+    one-clause definition of 3..max_definition_words words sharing no 4-letter start with the word; n, seeded."""
+    path = data_dir(data, need="dict") / "dict" / "wordnet30_word_definitions.tsv.gz"
+    rows = [line.split("\t") for line in read_lines(path)[1:]]   # word pos sense_rank synset definition examples
+    pool, senses = {}, Counter(r[0] for r in rows)
+    for word, _pos, rank, _syn, definition, *_ in rows:
+        if (rank == "1" and word.isascii() and word.isalpha() and word.islower() and 3 <= len(word) <= 12
+                and senses[word] >= min_senses and 3 <= len(definition.split()) <= max_definition_words
+                and not any(c in definition for c in ';()"') and word not in pool
+                and not any(t.startswith(word[:4]) for t in re.findall(r"[a-z]+", definition.lower()))):
+            pool[word] = {"sentence": definition.rstrip(" .") + ".", "word": word.capitalize(), "source": "wordnet"}
+    words = sorted(pool)
+    pick = np.random.default_rng(seed).choice(len(words), size=min(n, len(words)), replace=False)
+    return [pool[words[i]] for i in sorted(pick)]
+
+
+# ----------------------------------------------------------------------------- extension: self-labelled candidates
+def label_words(embedder, sentences, max_new_tokens=8, batch_size=32) -> list[str | None]:
+    """The model's own word for each sentence: greedy decoding after `...means in one word:"` up to the closing
+    quote; None where no single word comes before it within max_new_tokens, a newline or the end of text."""
+    import torch
+    model, tok, words = embedder.model, embedder.tok, []
+
+    def reply(ids):  # -> (the word before the closing quote, or None; is the reply over?)
+        text = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+        word = text.split('"')[0].strip() if '"' in text.split("\n")[0] else ""
+        over = '"' in text or "\n" in text or tok.eos_id in ids
+        return (word if re.fullmatch(r"[A-Za-z][A-Za-z-]*", word) else None), over   # one word, as the paper's picks
+
+    with torch.inference_mode():
+        for j in range(0, len(sentences), batch_size):
+            prompts = [tok.encode(embedder.prompt(s)[0]) for s in sentences[j:j + batch_size]]
+            ids, mask = tok.pad(prompts, device=embedder.device)                    # (B, T)
+            replies, T = [(None, True)] * len(prompts), ids.shape[1]
+            for _ in range(max_new_tokens):
+                nxt = model.lm_logits(model(ids, mask)[:, -1]).argmax(-1, keepdim=True)  # (B, H) -> (B, V) -> (B, 1)
+                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+                replies = [reply(row[T:]) for row in ids.tolist()]
+                if all(over for _, over in replies):
+                    break
+            words += [word for word, _ in replies]
+    return words
+
+
+def self_candidates(embedder, data=None, n=100, seed=0, max_words=20, max_new_tokens=8, batch_size=32) -> list[dict]:
+    """The paper's ChatGPT-labelled STS-B train sentences, labelled by the model itself: n seeded cased sentences of
+    at most max_words words, each with its label_words word; those without one are dropped."""
+    path = data_dir(data, need="sts_raw") / "sts_raw" / "stsb" / "sts-train.csv"
+    rows = [line.split("\t") for line in read_lines(path)]         # genre file year id score sentence1 sentence2
+    pool = list(dict.fromkeys(s.strip() for r in rows if len(r) >= 7 for s in r[5:7]
+                              if 0 < len(s.split()) <= max_words and '"' not in s))
+    sents = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False))]
+    kept = [{"sentence": s, "word": w, "source": "self"}
+            for s, w in zip(sents, label_words(embedder, sents, max_new_tokens, batch_size)) if w]
+    print(f"self-labelled {len(kept)} of {len(sents)} sentences (the rest had no one-word answer)", file=sys.stderr)
+    return kept
+
+
+# ----------------------------------------------------------------------------- candidate files and CLI
+def read_candidates(paths) -> list[dict]:
+    """Candidates from JSON-lines files {"sentence", "word", "source"}, the first of each (sentence, word)."""
+    out = {}
+    for p in paths:
+        for n, line in ((n, line) for n, line in enumerate(read_lines(p), 1) if line.strip()):
+            try:
+                c = json.loads(line)
+                out.setdefault((c["sentence"], c["word"]), {"source": Path(p).stem, **c})
+            except (json.JSONDecodeError, TypeError, KeyError):  # not JSON, not an object, no sentence or word
+                raise UserError(f"{p}:{n}: expected a JSON object with sentence, word and source") from None
+    if not out:
+        raise UserError("no candidates in " + ", ".join(map(str, paths)))
+    return list(out.values())
+
+
+def load_embedder(args, demos=()):
+    from embed import Embedder
+    return Embedder(args.model, template="eol", pooling="last", demonstrations=list(demos), max_tokens=args.max_tokens,
+                    batch_size=args.batch_size, device=device(args.device), dtype=args.dtype)
 
 
 def cmd_candidates(args):
     if args.source == "paper":
         cands = paper_candidates(args.data_dir)
     elif args.source == "wordnet":
-        cands = wordnet_candidates(args.data_dir, args.n, args.seed, args.max_definition_words, args.min_senses)
+        cands = wordnet_candidates(args.data_dir, args.n, args.seed)
     else:
-        from common import parse_demonstrations
-        from embed import Embedder
-        demos = parse_demonstrations(args.label_demonstration) or []
-        emb = Embedder(args.model, demonstrations=demos, device=args.device, dtype=args.dtype)
-        cands = self_candidates(emb, args.data_dir, args.n, args.seed, max_new_tokens=args.max_new_tokens)
-    write_jsonl(args.out, cands)
-    print(f"wrote {len(cands)} {args.source} candidates to {args.out}", file=sys.stderr)
-
-
-def plan_search(n_candidates, data=None, start_pairs=100, eta=3.0, rounds=None, seed=0, dev_pairs=None):
-    """-> (STS-B dev, seeded pair order, pairs of the full set, rounds' schedule)."""
-    dev = ev.load_stsb(data_dir(data), "dev")
-    order = np.random.default_rng(seed).permutation(len(dev.gold))
-    n_pairs = min(dev_pairs or len(order), len(order))
-    return dev, order, n_pairs, schedule(n_candidates, n_pairs, start_pairs, eta, rounds)
-
-
-def search(base, candidates, data=None, start_pairs=100, eta=3.0, rounds=None, seed=0, dev_pairs=None,
-           max_k=3, cache_dir=None, disk=True, progress=False) -> dict:
-    """Successive halving over the candidates, then the no-demonstration baseline and the best
-    k = 2..max_k concatenated, all on the full dev set (or its first dev_pairs pairs)."""
-    dev, order, n_pairs, plan = plan_search(len(candidates), data, start_pairs, eta, rounds, seed, dev_pairs)
-    score = Scorer(base, data, cache_dir, disk)
-    t0 = time.time()
-    ranked, history = successive_halving(candidates, score, order, plan, score.drop, progress)
-    full = sorted(int(i) for i in order[:n_pairs])
-    finalists = [c for c in ranked if c["pairs"] == n_pairs]
-    # k > 1 (the paper uses one): the best k finalists concatenated, the best one last (next to
-    # the input sentence), so each k adds a demonstration in front of the (k-1) prompt.
-    multi = []
-    for k in range(2, min(max_k, len(finalists)) + 1):
-        demos = [(c["sentence"], c["word"]) for c in finalists[:k][::-1]]
-        multi.append({"k": k, "demonstrations": [list(d) for d in demos], "spearman": score(demos, full)})
-    baseline = score([], full)
-    n_dev = unique_sentences(dev, order[:n_pairs])
-    return {
-        "dev_pairs": n_pairs, "dev_sentences": n_dev, "seed": seed,
-        "schedule": [{"candidates": c, "pairs": p} for c, p in plan], "rounds": history,
-        "no_demonstration": baseline, "winner": ranked[0], "k_greater_than_1": multi,
-        "best_per_source": {src: next(c for c in ranked if c["source"] == src)
-                            for src in sorted({c["source"] for c in ranked})},
-        "encodings": {"needed": planned_encodings(plan, dev, order), "spent_this_run": score.n_encoded,
-                      "brute_force": len(candidates) * n_dev,
-                      "note": "needed = unique dev sentences each candidate was scored on; spent excludes "
-                              "vectors found in the disk cache, and includes the baseline and k > 1"},
-        "search_seconds": round(time.time() - t0, 1), "ranked": ranked,
-    }
+        labeller = load_embedder(args, parse_demonstrations(args.demonstration) or [])
+        cands = self_candidates(labeller, args.data_dir, args.n, args.seed, batch_size=args.batch_size)
+    Path(args.output).write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cands), encoding="utf-8")
+    print(f"wrote {len(cands)} {args.source} candidates to {args.output}", file=sys.stderr)
 
 
 def cmd_search(args):
-    if args.write_default and (args.dev_pairs or args.limit):
-        raise UserError("--write-default needs the full dev set and all candidates: drop --dev-pairs/--limit")
-    data_dir(args.data_dir)
-    candidates = read_candidates(args.candidates)[:args.limit]
-    if args.dry_run:
-        dev, order, n_pairs, plan = plan_search(len(candidates), args.data_dir, args.start_pairs, args.eta,
-                                                args.rounds, args.seed, args.dev_pairs)
-        n_dev = unique_sentences(dev, order[:n_pairs])
-        need, brute = planned_encodings(plan, dev, order), len(candidates) * n_dev
-        print("rounds (candidates x pairs): " + ", ".join(f"{c} x {p}" for c, p in plan))
-        print(f"encodings: {need} for the search (+ {max(1, args.max_k) * n_dev} for the baseline and k > 1) "
-              f"vs {brute} brute force ({need / brute:.1%})")
+    if args.write_default and args.dev_pairs:
+        raise UserError("--write-default needs the full dev set: drop --dev-pairs")
+    files = args.candidates or [data_dir(args.data_dir, need="icl") / "icl" / "icl_examples.txt"]
+    candidates = read_candidates(files) if args.candidates else paper_candidates(args.data_dir)
+    base, started = None if args.dry_run else load_embedder(args), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    res = search(base, candidates, args.data_dir, args.start_pairs, args.eta, args.rounds, args.seed, args.dev_pairs,
+                 args.max_k, args.cache_dir, disk=not args.no_cache, progress=True)
+    if base is None:
         return
-    from embed import Embedder
-    base = Embedder(args.model, demonstrations=[], batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    res = search(base, candidates, args.data_dir, args.start_pairs, args.eta, args.rounds, args.seed,
-                 args.dev_pairs, args.max_k, args.cache_dir, not args.no_cache, progress=True)
-    settings = {"start_pairs": args.start_pairs, "eta": args.eta, "rounds": len(res["schedule"]),
-                "seed": args.seed, "dev_pairs": res["dev_pairs"]}
-    record = {"model": args.model, "encoder": base.fingerprint, "started": started, "settings": settings,
-              "candidates": {str(p): sha256(p) for p in args.candidates}, "n_candidates": len(candidates),
-              "command": ["icl.py", *args.argv], "git_commit": git_commit(), **res}
-    out = Path(args.out or REPO / "runs" / f"icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = Path(args.output or f"runs/icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    print(f"{'rank':>4} {'spearman':>8} {'pairs':>5}  source   demonstration")
-    for i, c in enumerate(res["ranked"][:args.show], 1):
-        print(f"{i:4d} {100 * c['spearman']:8.2f} {c['pairs']:5d}  {c['source']:<8} {c['sentence']!r} -> {c['word']}")
-    print(f"no demonstration: {100 * res['no_demonstration']:.2f} on {res['dev_pairs']} pairs")
-    for m in res["k_greater_than_1"]:
-        print(f"best {m['k']} concatenated: {100 * m['spearman']:.2f}")
-    e = res["encodings"]
-    print(f"encodings: {e['needed']} needed ({e['spent_this_run']} run now) vs {e['brute_force']} brute force "
-          f"({e['needed'] / e['brute_force']:.1%}); {res['search_seconds']} s -> {out}")
+    out.write_text(json.dumps({
+        "model": args.model, "encoder": base.fingerprint, "started": started, "command": ["icl.py", *args.argv],
+        "git_commit": git_commit(), "candidates": [str(p) for p in files], **res}, indent=1, ensure_ascii=False) + "\n")
+    w, ks = res["winner"], "".join(f"; best {m['k']}: {100 * m['spearman']:.2f}" for m in res["k_greater_than_1"])
+    print(f"winner ({w['source']}): {w['sentence']!r} -> {w['word']}: {100 * w['spearman']:.2f}; "
+          f"no demonstration: {100 * res['no_demonstration']:.2f}{ks} -> {out}")
     if args.write_default:
-        w, e = res["winner"], res["encodings"]
         write_default(args.model, {
-            "sentence": w["sentence"], "word": w["word"], "source": w["source"],
-            "found_by": "icl.py search: successive halving, best by STS-B dev Spearman (full dev set)",
+            "sentence": w["sentence"], "word": w["word"], "source": w["source"], "date": started[:10],
             "dev_spearman": round(w["spearman"], 4), "no_demonstration_dev_spearman": round(res["no_demonstration"], 4),
-            "best_k_dev_spearman": {str(m["k"]): round(m["spearman"], 4) for m in res["k_greater_than_1"]},
-            "search": {**settings, "candidates": dict(Counter(c["source"] for c in candidates)),
-                       "encodings": e["needed"], "brute_force_encodings": e["brute_force"]},
-            "date": started[:10], "results": str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)})
+            "candidates": dict(Counter(c["source"] for c in candidates)), "results": str(out)})
         print(f"wrote the {args.model} default to {DEFAULTS_FILE} (embed.py's default from now on)")
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--model", default="smollm2-135m", help="model alias or path (default smollm2-135m)")
+    shared.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    shared.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: embed.py's)")
+    shared.add_argument("--max-tokens", type=int, help="cut sentences to N tokens (default: no cut, as the paper)")
+    shared.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    shared.add_argument("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
+    shared.add_argument("--seed", type=int, default=0, help="sampling seed / dev-pair order seed (default 0)")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("candidates", help="write a candidate file (JSON lines: sentence, word, source)")
+    desc = "Write candidate demonstrations as JSON lines {sentence, word, source}."
+    c = sub.add_parser("candidates", parents=[shared], help=desc, description=desc)
     c.add_argument("--source", required=True, choices=["paper", "wordnet", "self"],
-                   help="paper: the paper's 300; wordnet: WordNet 3.0 definition -> headword; "
-                        "self: STS-B train sentences labelled by --model itself")
-    c.add_argument("--out", required=True, help="output .jsonl file")
+                   help="the paper's 300, WordNet definition -> headword, or STS-B train labelled by --model")
+    c.add_argument("--output", required=True, help="the .jsonl file to write")
     c.add_argument("--n", type=int, default=200, help="wordnet/self: how many to sample (default 200)")
-    c.add_argument("--seed", type=int, default=0, help="wordnet/self: sampling seed (default 0)")
-    c.add_argument("--max-definition-words", type=int, default=12, help="wordnet: longest definition kept (default 12)")
-    c.add_argument("--min-senses", type=int, default=2,
-                   help="wordnet: keep words with at least this many senses, a commonness proxy (default 2)")
-    c.add_argument("--model", default="smollm2-135m", help="self: the labelling model (default smollm2-135m)")
-    c.add_argument("--label-demonstration", action="append", metavar="SENTENCE=>WORD",
-                   help="self: label one-shot with this demonstration before the template (default: zero-shot)")
-    c.add_argument("--max-new-tokens", type=int, default=8, help="self: give up on a word after this many tokens (default 8)")
-    s = sub.add_parser("search", help="find the best demonstration by STS-B dev Spearman")
-    s.add_argument("--model", default="smollm2-135m", help="model alias or path for embed.Embedder (default smollm2-135m)")
-    s.add_argument("--candidates", nargs="+", required=True, help="candidate .jsonl files (from `icl.py candidates`)")
+    c.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
+                   help="self: label with these demonstrations before the template (default: none)")
+    desc = "Find the best demonstration by STS-B dev Spearman (successive halving); prints its plan first."
+    s = sub.add_parser("search", parents=[shared], help=desc, description=desc)
+    s.add_argument("--candidates", nargs="+", help="candidate .jsonl files (default: the paper's 300)")
     s.add_argument("--start-pairs", type=int, default=100, help="dev pairs of the first round (default 100)")
-    s.add_argument("--eta", type=float, default=3.0,
-                   help="each round keeps 1/eta of the candidates and has eta times the pairs (default 3)")
-    s.add_argument("--rounds", type=int, help="number of rounds, the last on all pairs (default: until the "
-                   "pairs reach the full dev set; 1 = brute force)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the dev-pair order (default 0)")
-    s.add_argument("--dev-pairs", type=int, help="use only this many (seeded) dev pairs as the full set: smoke runs")
-    s.add_argument("--limit", type=int, help="use only the first N candidates: smoke runs")
+    s.add_argument("--eta", type=float, default=3.0, help="each round keeps 1/eta of the candidates, eta x the pairs")
+    s.add_argument("--rounds", type=int, help="rounds, the last on all pairs (default: as eta needs; 1 = brute force)")
+    s.add_argument("--dev-pairs", type=int, help="use only N (seeded) dev pairs as the full set: smoke runs")
     s.add_argument("--max-k", type=int, default=3, help="also score the best 2..K concatenated (default 3; 1 = skip)")
-    s.add_argument("--dry-run", action="store_true", help="print the rounds and the encodings they need; load no model")
-    s.add_argument("--show", type=int, default=20, help="print the top N of the ranked list (default 20)")
-    s.add_argument("--out", help="results JSON (default runs/icl-<model>-<time>.json)")
-    s.add_argument("--write-default", action="store_true",
-                   help="store the winner as the model's default in data/demonstrations.json")
-    s.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan and stop; load no model")
+    s.add_argument("--output", help="results JSON (default runs/icl-<model>-<time>.json)")
+    s.add_argument("--write-default", action="store_true", help="store the winner in data/demonstrations.json")
     s.add_argument("--cache-dir", help="embedding cache root (default $SENTEMB_CACHE or ~/.cache/sentemb)")
     s.add_argument("--no-cache", action="store_true", help="keep vectors in memory only")
-    for q in (c, s):
-        q.add_argument("--device", help="self/search: cpu, cuda ... (default: cuda if available)")
-        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="self/search: default embed.py's")
-        q.add_argument("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        (cmd_candidates if args.command == "candidates" else cmd_search)(args)
-    except (UserError, ValueError, OSError) as e:
-        print(f"icl.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("icl.py: interrupted (vectors computed so far are cached; rerun to resume)", file=sys.stderr)
-        return 130
-    return 0
+    (cmd_candidates if args.command == "candidates" else cmd_search)(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main, interrupted=KEPT))

@@ -1,4 +1,5 @@
-"""icl.py: candidate sources, successive halving against brute force, self-labelling, defaults."""
+"""icl.py: the paper's candidates and search, successive halving against it, WordNet and self-labelled candidates,
+defaults, and the CLI's endings. Unit tests read tests/fixtures/icl/, a data folder in miniature."""
 import functools
 import json
 import re
@@ -9,8 +10,11 @@ import pytest
 import torch
 
 import embed as E
-import evaluate as ev
 import icl
+from common import UserError, cli
+from conftest import FIXTURES
+
+MINI = FIXTURES / "icl"     # 11 of the paper's lines, 41 WordNet rows, 24 STS-B dev and 12 train pairs
 
 
 @pytest.fixture(scope="module")
@@ -22,49 +26,96 @@ def tiny_llama(tmp_path_factory):
     return str(d)
 
 
+def run(argv, capsys):
+    """The CLI as a user meets it: exit status and stderr."""
+    rc = cli(icl.main, argv, interrupted=icl.KEPT)
+    return rc, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- candidate sources
-def test_paper_file_parses_to_its_300_demonstrations():
-    c = icl.paper_candidates()
-    assert len(c) == 300 and len({(d["sentence"], d["word"]) for d in c}) == 300
-    assert c[0] == {"sentence": "Over 100 dead as typhoon slams central Philippines", "word": "Disaster",
-                    "source": "paper"}
+def test_paper_file_parses_to_sentence_and_word():
+    c = icl.paper_candidates(MINI)
+    assert len(c) == 11 and c[0] == {"sentence": "Over 100 dead as typhoon slams central Philippines",
+                                      "word": "Disaster", "source": "paper"}
     assert c[-1]["word"] == "Apple" and c[-1]["sentence"].startswith("a round fruit with firm, white flesh")
     assert all("_" not in d["sentence"] + d["word"] and re.fullmatch(r"[A-Za-z-]+", d["word"]) for d in c)
-    # The paper's per-model picks (its Table 8, our OPT defaults) are among them.
+
+
+def test_full_paper_file_holds_300_and_the_papers_picks(data_root):
+    c = icl.paper_candidates(data_root)
     pairs = {(d["sentence"], d["word"]) for d in c}
-    picks = json.loads(E.DEFAULTS_FILE.read_text())
+    assert len(c) == len(pairs) == 300
+    picks = json.loads(E.DEFAULTS_FILE.read_text())                 # the paper's Table 8: our OPT defaults
     assert all((v["sentence"], v["word"]) in pairs for k, v in picks.items() if k.startswith("opt-"))
 
 
-def test_wordnet_filter_gives_common_single_words_with_short_definitions():
-    c = icl.wordnet_candidates(n=150, seed=1)
+def test_bad_paper_line_names_file_and_line(tmp_path):
+    (tmp_path / "sts").mkdir()
+    (tmp_path / "icl").mkdir()
+    lines = (MINI / "icl" / "icl_examples.txt").read_text().splitlines()
+    (tmp_path / "icl" / "icl_examples.txt").write_text("\n".join(lines[:2] + ["no quotes here"]) + "\n")
+    with pytest.raises(UserError, match=r"icl_examples.txt:3: expected the demonstration"):
+        icl.paper_candidates(tmp_path)
+
+
+def test_wordnet_filter_keeps_the_first_clean_sense_of_common_words():
+    c = icl.wordnet_candidates(MINI, n=200)
+    # Out: 'hood and Paris (form), venison (one sense), acetate ("acetic" gives it away), dog's and abandon's
+    # first noun senses (too long; a semicolon): their first clean sense (a verb) is kept instead.
+    assert [d["word"] for d in c] == ["Abandon", "Biscuit", "Coffer", "Dog", "Frizz", "Harbor", "Sparkly", "Swimming"]
+    assert c[0] == {"sentence": "forsake, leave behind.", "word": "Abandon", "source": "wordnet"}
+    assert icl.wordnet_candidates(MINI, n=3, seed=1) == icl.wordnet_candidates(MINI, n=3, seed=1)
+    assert icl.wordnet_candidates(MINI, n=3, seed=1) != icl.wordnet_candidates(MINI, n=3, seed=2)
+
+
+def test_wordnet_sample_of_the_full_file(data_root):
+    c = icl.wordnet_candidates(data_root, n=150, seed=1)
     assert len(c) == 150 and len({d["word"] for d in c}) == 150
     for d in c:
         w = d["word"]
         assert w.isascii() and w.isalpha() and w[0].isupper() and w[1:].islower() and 3 <= len(w) <= 12
-        assert d["source"] == "wordnet" and d["sentence"].endswith(".") and not d["sentence"].endswith("..")
+        assert d["sentence"].endswith(".") and not d["sentence"].endswith("..")
         assert 3 <= len(d["sentence"].split()) <= 12
         assert all(not t.startswith(w.lower()[:4]) for t in re.findall(r"[a-z]+", d["sentence"].lower()))
-    assert icl.wordnet_candidates(n=150, seed=1) == c != icl.wordnet_candidates(n=150, seed=2)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def test_candidate_files_round_trip_and_deduplicate(tmp_path):
-    c = icl.paper_candidates()[:3]
-    icl.write_jsonl(tmp_path / "a.jsonl", c)
-    icl.write_jsonl(tmp_path / "b.jsonl", c[1:] + [{"sentence": "x y.", "word": "Z", "source": "self"}])
-    got = icl.read_candidates([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
-    assert got == c + [{"sentence": "x y.", "word": "Z", "source": "self"}]
+    c = icl.paper_candidates(MINI)[:3]
+    a = write_jsonl(tmp_path / "a.jsonl", c)
+    b = write_jsonl(tmp_path / "b.jsonl", c[1:] + [{"sentence": "x y.", "word": "Z"}])
+    assert icl.read_candidates([a, b]) == c + [{"sentence": "x y.", "word": "Z", "source": "b"}]
 
 
-# ---------------------------------------------------------------- search
+@pytest.mark.parametrize("line", ['{"sentence": "x", "wor', '["x", "y"]', '{"sentence": "x"}', "null"])
+def test_bad_candidate_line_names_file_and_line(tmp_path, line):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"sentence": "a b.", "word": "C"}\n\n' + line + "\n")
+    with pytest.raises(UserError, match=re.escape(f"{f}:3: expected a JSON object with sentence, word")):
+        icl.read_candidates([f])
+
+
+def test_missing_or_empty_candidate_file(tmp_path):
+    with pytest.raises(UserError, match=r"cannot read .*nope.jsonl: No such file"):
+        icl.read_candidates([tmp_path / "nope.jsonl"])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no candidates in"):
+        icl.read_candidates([tmp_path / "empty.jsonl"])
+
+
+# ---------------------------------------------------------------- the search
 @functools.lru_cache(maxsize=None)
 def word_vector(w):
     return np.random.default_rng(zlib.crc32(w.encode())).normal(size=32)
 
 
 class BagOfWords:
-    """A fake Embedder: the sum of seeded random word vectors (it tracks STS-B gold a little)
-    plus per-sentence noise as large as the demonstration's word says ("0.0" is the best; no
+    """A fake Embedder: the sum of seeded random word vectors (it tracks word overlap, hence the gold of the
+    synthetic dev set) plus per-sentence noise as large as the demonstration's word says ("0.0" is the best; no
     demonstration is noisy). Counts the sentences it encodes."""
     encoded = 0
 
@@ -78,10 +129,25 @@ class BagOfWords:
         BagOfWords.encoded += len(sentences)
         out = []
         for s in sentences:
-            v = sum(word_vector(w) for w in s.split())
             rng = np.random.default_rng(zlib.crc32((s + json.dumps(self.fingerprint)).encode()))
-            out.append(v + self.noise * rng.normal(size=32))
+            out.append(sum(word_vector(w) for w in s.split()) + self.noise * rng.normal(size=32))
         return np.array(out, np.float32)
+
+
+@pytest.fixture(scope="module")
+def dev_data(tmp_path_factory):
+    """A data folder whose STS-B dev has 600 synthetic pairs: a sentence of 8 words and a copy with some replaced,
+    gold = 5 x the share kept."""
+    root, rng = tmp_path_factory.mktemp("data"), np.random.default_rng(0)
+    (root / "sts" / "stsb").mkdir(parents=True)
+    vocab, rows = [f"w{i}" for i in range(60)], []
+    for i in range(600):
+        a = list(rng.choice(vocab, 8))
+        b, keep = list(a), rng.integers(0, 9)
+        b[keep:] = rng.choice(vocab, 8 - keep)
+        rows.append(f"synthetic\tnone\t2024\t{i:04d}\t{5 * keep / 8:.3f}\t{' '.join(a)}\t{' '.join(b)}")
+    (root / "sts" / "stsb" / "sts-dev.csv").write_text("\n".join(rows) + "\n")
+    return root
 
 
 def fake_candidates(n=27, step=0.5):
@@ -93,89 +159,141 @@ def test_schedule_shrinks_candidates_and_grows_pairs_to_the_full_set():
     assert icl.schedule(300, 1500, 100, 3) == [(300, 100), (100, 300), (34, 900), (12, 1500)]
     assert icl.schedule(300, 1500, 100, 3, rounds=2) == [(300, 100), (100, 1500)]
     assert icl.schedule(300, 1500, 100, 3, rounds=1) == [(300, 1500)]          # brute force
+    with pytest.raises(UserError, match="--eta > 1"):
+        icl.schedule(300, 1500, 100, 1)
 
 
-def test_successive_halving_finds_brute_force_winner_with_fewer_encodings():
-    cands, dev = fake_candidates(), ev.load_stsb(ev.data_dir(), "dev")
+def test_successive_halving_finds_the_papers_winner_with_fewer_encodings(dev_data):
+    cands, dev = fake_candidates(), icl.ev.load_stsb(dev_data, "dev")
     order = np.random.default_rng(0).permutation(len(dev.gold))
-    results = {}
-    for name, plan in (("halving", icl.schedule(len(cands), 450, 50, 3)), ("brute", [(len(cands), 450)])):
-        BagOfWords.encoded = 0
-        score = icl.Scorer(BagOfWords(), disk=False)
-        ranked, rounds = icl.successive_halving(cands, score, order, plan, score.drop)
-        needed = sum(icl.unique_sentences(dev, order[:c["pairs"]]) for c in ranked)
-        # Every sentence is encoded once per demonstration: later rounds reuse earlier vectors.
-        assert BagOfWords.encoded == score.n_encoded == needed == icl.planned_encodings(plan, dev, order)
-        results[name] = ranked, needed, rounds
-    (sh, sh_cost, rounds), (bf, bf_cost, _) = results["halving"], results["brute"]
-    assert sh[0]["word"] == bf[0]["word"] == "0.0"
+    BagOfWords.encoded = 0
+    paper = icl.Scorer(BagOfWords(), dev_data, disk=False)
+    brute = icl.paper_search(lambda c: paper(c, sorted(order[:450])), cands)   # the paper: all on every pair
+    brute_cost, BagOfWords.encoded = BagOfWords.encoded, 0
+    plan = icl.schedule(len(cands), 450, 50, 3)
+    score = icl.Scorer(BagOfWords(), dev_data, disk=False)
+    ranked, rounds = icl.successive_halving(cands, score, order, plan, score.drop)
+    # Every sentence is encoded once per demonstration: later rounds reuse earlier vectors.
+    assert BagOfWords.encoded == score.n_encoded == icl.planned_encodings(plan, dev, order)
+    assert brute_cost == 27 * icl.unique_sentences(dev, order[:450]) and BagOfWords.encoded < 0.4 * brute_cost
+    assert ranked[0]["word"] == brute[0]["word"] == "0.0" and ranked[0]["spearman"] == brute[0]["spearman"]
     assert [r["candidates"] for r in rounds] == [27, 9, 3] and [r["pairs"] for r in rounds] == [50, 150, 450]
-    assert bf_cost == 27 * icl.unique_sentences(dev, order[:450]) and sh_cost < 0.4 * bf_cost
-    assert [c["pairs"] for c in sh] == [450] * 3 + [150] * 6 + [50] * 18
-    assert sh[0]["spearman"] == bf[0]["spearman"]
+    assert [c["pairs"] for c in ranked] == [450] * 3 + [150] * 6 + [50] * 18
+    assert icl.successive_halving(cands, score, order, [(27, 450)])[0][0]["spearman"] == brute[0]["spearman"]
 
 
-def test_search_reports_baseline_k_and_reuses_the_disk_cache(tmp_path):
+def test_search_reports_baseline_k_and_reuses_the_disk_cache(dev_data, tmp_path):
     cands = fake_candidates(9, step=2.0)
-    first = icl.search(BagOfWords(), cands, start_pairs=40, eta=3, dev_pairs=120, cache_dir=tmp_path)
+    first = icl.search(BagOfWords(), cands, dev_data, start_pairs=40, eta=3, dev_pairs=120, cache_dir=tmp_path)
     assert first["winner"]["word"] == "0.0" and first["winner"]["spearman"] > first["no_demonstration"]
     assert [m["k"] for m in first["k_greater_than_1"]] == [2, 3]
-    assert first["k_greater_than_1"][0]["demonstrations"][-1] == ["candidate %d" % cands.index(
-        next(c for c in cands if c["word"] == "0.0")), "0.0"]                   # the best sits last
+    best = next(c for c in cands if c["word"] == "0.0")
+    assert first["k_greater_than_1"][0]["demonstrations"][-1] == [best["sentence"], "0.0"]   # the best sits last
     e = first["encodings"]
     assert e["spent_this_run"] == e["needed"] + 3 * first["dev_sentences"] and e["needed"] < e["brute_force"]
-    again = icl.search(BagOfWords(), cands, start_pairs=40, eta=3, dev_pairs=120, cache_dir=tmp_path)
+    again = icl.search(BagOfWords(), cands, dev_data, start_pairs=40, eta=3, dev_pairs=120, cache_dir=tmp_path)
     assert again["encodings"]["spent_this_run"] == 0 and again["ranked"] == first["ranked"]
 
 
-def test_search_cli_on_a_tiny_model(tiny_llama, tmp_path):
-    icl.write_jsonl(tmp_path / "c.jsonl", icl.paper_candidates()[:4])
-    out = tmp_path / "r.json"
-    common = ["search", "--model", tiny_llama, "--candidates", str(tmp_path / "c.jsonl"), "--dev-pairs", "12",
-              "--start-pairs", "6", "--eta", "2", "--max-k", "2", "--cache-dir", str(tmp_path)]
-    assert icl.main(common + ["--out", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["n_candidates"] == 4 and [s["pairs"] for s in r["schedule"]] == [6, 12]
-    assert len(r["ranked"]) == 4 and r["encoder"]["demonstrations"] == [] and r["candidates"]
-    assert icl.main(common + ["--write-default"]) == 1        # a smoke run never becomes a default
+def test_search_cli_on_a_tiny_model(tiny_llama, tmp_path, capsys):
+    args = ["search", "--model", tiny_llama, "--data-dir", str(MINI), "--dev-pairs", "12", "--start-pairs", "6",
+            "--eta", "2", "--max-k", "2", "--cache-dir", str(tmp_path), "--device", "cpu"]
+    rc, err = run(args + ["--output", str(tmp_path / "r.json")], capsys)
+    assert rc == 0 and "11 candidates; rounds (candidates x pairs): 11 x 6, 6 x 12" in err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert len(r["ranked"]) == 11 and r["encoder"]["demonstrations"] == [] and r["encoder"]["max_tokens"] is None
+    assert r["candidates"] == [str(MINI / "icl" / "icl_examples.txt")]      # the paper's, from the data folder
+    rc, err = run(args + ["--write-default"], capsys)                           # a smoke run never becomes a default
+    assert rc == 1 and err == "sentemb: error: --write-default needs the full dev set: drop --dev-pairs\n"
+
+
+def test_dry_run_prints_the_default_plan_and_loads_no_model(capsys, monkeypatch):
+    monkeypatch.setattr(icl, "load_embedder", None)
+    rc, err = run(["search", "--data-dir", str(MINI), "--dry-run"], capsys)
+    assert rc == 0 and err.startswith("11 candidates; rounds (candidates x pairs): 11 x 24;")
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(icl, "search", interrupted)
+    rc, err = run(["search", "--data-dir", str(MINI), "--dry-run"], capsys)
+    assert rc == 1 and err == f"sentemb: interrupted; {icl.KEPT}\n"
+
+
+def test_bad_device_and_missing_data_are_one_line(tmp_path, capsys):
+    rc, err = run(["search", "--data-dir", str(MINI), "--device", "tpu"], capsys)
+    assert rc == 1 and err.startswith("sentemb: error: --device 'tpu'") and err.count("\n") == 1
+    rc, err = run(["candidates", "--source", "wordnet", "--data-dir", str(tmp_path), "--output", "x.jsonl"], capsys)
+    assert rc == 1 and err.startswith(f"sentemb: error: no evaluation data in {tmp_path}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["candidates", "search"])
+def test_every_help_has_a_description(command, capsys):
+    with pytest.raises(SystemExit):
+        icl.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert out.split("\n\n")[1].strip() and "--output" in out and "--batch-size BATCH_SIZE" in out
+    assert "sentences per forward pass" in out
 
 
 # ---------------------------------------------------------------- self-labelling
-def scripted(e, monkeypatch, text):
-    """Make the model 'say' text token by token; returns the list of decoding steps taken."""
-    script, steps = e.tok.encode(text, bos=False), []
+def scripted(e, monkeypatch, text, *more):
+    """Make the model 'say' text token by token (row r of a batch: the r-th text, if more are given); returns the
+    first script and the list of decoding steps taken."""
+    scripts, steps = [t if isinstance(t, list) else e.tok.encode(t, bos=False) for t in (text, *more)], []
 
     def lm_logits(h):
         logits = torch.full((h.shape[0], e.model.config.vocab_size), -1e9)
-        logits[:, script[min(len(steps), len(script) - 1)]] = 0
+        for r in range(h.shape[0]):
+            script = scripts[r % len(scripts)]
+            logits[r, script[min(len(steps), len(script) - 1)]] = 0
         steps.append(1)
         return logits
     monkeypatch.setattr(e.model, "lm_logits", lm_logits)
-    return script, steps
+    return scripts[0], steps
 
 
 @pytest.mark.parametrize("text, word", [('Sunny" and then many more words follow', "Sunny"),
-                                        ('Sunny day" and more', None), ("no quote at all in this long reply", None)])
+                                        ('Sunny day" and more', None), ('Sunny\n" and more', None),
+                                        ("no quote at all in this long reply", None)])
 def test_self_labelling_stops_at_the_closing_quote(tiny_llama, monkeypatch, text, word):
     e = E.Embedder(tiny_llama, demonstrations=[])
     script, steps = scripted(e, monkeypatch, text)
     assert icl.label_words(e, ["A man plays a guitar."], max_new_tokens=6) == [word]
-    quote = next((i + 1 for i in range(len(script)) if '"' in e.tok.decode(script[:i + 1])), None)
-    assert len(steps) == (quote if quote and quote <= 6 else 6)
+    end = next((i + 1 for i in range(len(script)) if re.search('["\n]', e.tok.decode(script[:i + 1]))), None)
+    assert len(steps) == (end if end and end <= 6 else 6)
 
 
-def test_cached_greedy_decoding_equals_full_recomputation(tiny_llama, monkeypatch):
+def test_a_reply_over_before_its_quote_has_no_word_while_the_batch_runs_on(tiny_llama, monkeypatch):
+    e = E.Embedder(tiny_llama, demonstrations=[])
+    eos = e.tok.encode("Su", bos=False) + [e.tok.eos_id] + e.tok.encode('" x', bos=False)
+    scripted(e, monkeypatch, 'Sun\n" x', 'Sunny" x', eos)
+    assert icl.label_words(e, ["A b.", "C d.", "E f."]) == [None, "Sunny", None]
+
+
+def test_batched_greedy_decoding_equals_one_sentence_at_a_time(tiny_llama, monkeypatch):
     e = E.Embedder(tiny_llama, demonstrations=[("A jockey riding a horse.", "Equestrian")])
     real, seen = e.model.lm_logits, []
     monkeypatch.setattr(e.model, "lm_logits", lambda h: seen.append(real(h).argmax(-1)) or real(h))
-    icl.label_words(e, ["Two dogs run."], max_new_tokens=5)
-    assert seen
-    ids = torch.tensor([e.tok.encode(e.prompt("Two dogs run.")[0])])
-    with torch.no_grad():
-        for got in seen:
-            nxt = real(e.model(ids)[:, -1]).argmax(-1)
-            assert nxt.item() == got.item()
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    sentences = ["Two dogs run.", "A man is playing a large flute on the stage tonight.", "Rain."]
+    icl.label_words(e, sentences, max_new_tokens=4)
+    batched = torch.stack(seen, 1)                                              # (B, steps): left padded
+    for row, s in zip(batched, sentences):
+        seen.clear()
+        icl.label_words(e, [s], max_new_tokens=4)
+        assert row[:len(seen)].tolist() == torch.cat(seen).tolist()
+
+
+def test_self_candidates_label_cased_train_sentences(tiny_llama, monkeypatch):
+    e, got = E.Embedder(tiny_llama, demonstrations=[]), []
+    for seed in (0, 0, 1):
+        scripted(e, monkeypatch, 'Sunny" more')
+        got.append(icl.self_candidates(e, MINI, n=5, seed=seed))
+    train = (MINI / "sts_raw" / "stsb" / "sts-train.csv").read_text()
+    assert len(got[0]) == 5 and all(d["word"] == "Sunny" and d["source"] == "self" and d["sentence"] in train
+                                    for d in got[0])
+    assert got[0] == got[1] != got[2]
 
 
 # ---------------------------------------------------------------- defaults
@@ -192,17 +310,18 @@ def test_written_default_is_what_embed_uses(tmp_path, monkeypatch):
     assert E.default_demonstrations("smollm2-135m") == [("A cat naps.", "Sleep")]
 
 
-def test_search_write_default_stores_the_full_dev_winner(tmp_path, monkeypatch):
+def test_search_write_default_stores_the_full_dev_winner(dev_data, tmp_path, monkeypatch, capsys):
     f = tmp_path / "demonstrations.json"
     f.write_text(E.DEFAULTS_FILE.read_text())
     monkeypatch.setattr(icl, "DEFAULTS_FILE", f)
     monkeypatch.setattr(E, "DEFAULTS_FILE", f)
     monkeypatch.setattr(E, "Embedder", lambda *a, **k: BagOfWords())
-    icl.write_jsonl(tmp_path / "c.jsonl", fake_candidates(3, step=2.0))
-    assert icl.main(["search", "--model", "smollm2-135m", "--candidates", str(tmp_path / "c.jsonl"), "--start-pairs",
-                     "500", "--max-k", "1", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"),
-                     "--write-default"]) == 0
+    cands = write_jsonl(tmp_path / "c.jsonl", fake_candidates(3, step=2.0))
+    rc, err = run(["search", "--model", "smollm2-135m", "--candidates", str(cands), "--data-dir", str(dev_data),
+                   "--start-pairs", "200", "--max-k", "1", "--cache-dir", str(tmp_path),
+                   "--output", str(tmp_path / "r.json"), "--write-default"], capsys)
+    assert rc == 0, err
     entry, r = json.loads(f.read_text())["smollm2-135m"], json.loads((tmp_path / "r.json").read_text())
     assert (entry["word"], entry["source"], entry["dev_spearman"]) == ("0.0", "fake", round(r["winner"]["spearman"], 4))
-    assert r["winner"]["pairs"] == 1500 and entry["search"]["dev_pairs"] == 1500 and entry["date"]
+    assert r["winner"]["pairs"] == r["dev_pairs"] == 600 and entry["candidates"] == {"fake": 3} and entry["date"]
     assert E.default_demonstrations("smollm2-135m") == [(r["winner"]["sentence"], "0.0")]
