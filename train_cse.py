@@ -1,18 +1,15 @@
 #!/usr/bin/env python
 """Supervised contrastive QLoRA fine-tuning: a decoder LLM becomes a sentence embedder (Jiang et al. 2023).
 
-NLI triplets (premise x, entailment x+, contradiction x-) are embedded with PromptEOL as at inference (embed.render,
-no demonstration) and trained with SimCSE's supervised InfoNCE. QLoRA: a frozen 4-bit base, LoRA r=64, alpha=16,
-dropout 0.05 on every linear of the blocks; AdamW at lr 5e-4; one epoch of 256 triplets a step.
+NLI triplets (premise x, entailment x+, contradiction x-) are embedded with PromptEOL as at inference and trained
+with SimCSE's supervised InfoNCE. QLoRA: a frozen 4-bit base, LoRA r=64, alpha=16, dropout 0.05 on every linear of
+the blocks; AdamW at lr 5e-4; one epoch of 256 triplets a step.
 
     python train_cse.py                                   # the paper's recipe on the default model
     python train_cse.py --batch-size 64 --max-steps 24    # a CPU-sized run
     torchrun --nproc_per_node 4 train_cse.py --model opt-6.7b --data nli_for_simcse.csv
     python train_cse.py --resume runs/cse                 # continue exactly where a run stopped
-    python evaluate.py --demonstration none --adapter runs/cse/final
 """
-from __future__ import annotations
-
 import argparse
 import csv
 import hashlib
@@ -38,12 +35,10 @@ import model as M
 from embed import prompteol, render
 
 COLUMNS = ("sent0", "sent1", "hard_neg")            # SimCSE's nli_for_simcse.csv header
-# --resume takes every setting from the checkpoint but the machine's (LOCAL); a RECIPE flag given with another
-# value is refused: the run would not continue the same run.
 RECIPE = ("model", "adapter", "bits", "dtype", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
           "weight_decay", "max_grad_norm", "temp", "lora_r", "lora_alpha", "lora_dropout", "targets", "max_tokens",
-          "seed")
-LOCAL = ("device", "data_dir", "output", "resume")
+          "seed")                                                 # what a resumed run keeps
+LOCAL = ("device", "data_dir", "output", "resume")          # the machine's: never taken from a checkpoint
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -72,8 +67,7 @@ def embed_chunk(model, ids, mask):
     return model(ids, mask)[:, -1].float()      # (B, T, H) -> (B, H): the last token (left padding), fp32
 
 
-def generator(device):
-    """The generator that draws the dropout masks of tensors on `device`."""
+def generator(device):                               # the one that draws dropout masks on `device`
     return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
 
 
@@ -98,8 +92,7 @@ def cached_step(model, chunks, temp):
 
 
 def make_chunks(tok, ids, chunk_size, device) -> list:
-    """-> [(rows, ids, mask)], `chunk_size` sentences each, longest first (the first chunk is the peak, and chunks
-    carry little padding); rows are positions in the input list."""
+    """-> [(rows in the input list, ids, mask)], `chunk_size` sentences each, longest first (little padding)."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     groups = [order[j:j + chunk_size] for j in range(0, len(order), chunk_size)]
     return [(torch.tensor(rows, device=device), *tok.pad([ids[i] for i in rows], device=device)) for rows in groups]
@@ -108,12 +101,9 @@ def make_chunks(tok, ids, chunk_size, device) -> list:
 # ----------------------------------------------------------------------------- the step
 def sum_gradients(params):
     """Every rank backpropagated the same global loss through its own embeddings: the gradient is the SUM."""
-    if dist.is_initialized():
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        for p, g in zip(params, torch.split(flat, [g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+    for p in params if dist.is_initialized() else []:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(p.grad)
 
 
 def warmup_then_decay(warmup: int, total: int):
@@ -146,9 +136,8 @@ def train_step(run) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
-def read_triplets(path) -> tuple[list, list]:
-    """SimCSE csv (header sent0,sent1,hard_neg; more columns are ignored) -> (triplets, line numbers of the malformed
-    rows, skipped: a wrong field count or an empty sentence). A wrong header, a csv error or no valid row is refused."""
+def read_triplets(path) -> tuple[list, list, str]:
+    """SimCSE csv -> (triplets, line numbers of the rows skipped (a wrong field count, an empty sentence), sha256)."""
     try:
         raw = Path(path).read_bytes()
         text = raw.decode("utf-8-sig")
@@ -171,24 +160,19 @@ def read_triplets(path) -> tuple[list, list]:
         raise UserError(f"{path}:{reader.line_num}: malformed csv ({e})") from None
     if not triplets:
         raise UserError(f"{path}: no valid triplet ({len(bad)} malformed rows)")
-    return triplets, bad
+    return triplets, bad, hashlib.sha256(raw).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the run and its checkpoints
-def setup_distributed(device: str | None) -> tuple[torch.device, int, int]:
-    """-> (device, rank, world size); under torchrun, gloo on CPUs, else NCCL with one GPU per rank."""
-    dev, world = common.device(device), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dev, int(os.environ.get("RANK", "0")), world
-
-
 def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> SimpleNamespace:
-    """-> the run: data, the model with LoRA, optimizer, schedule and position, fresh or as `ckpt` left them."""
-    (device, rank, world), out = setup_distributed(args.device), Path(args.output)
+    """-> the run: processes, data, the model with LoRA, optimizer, schedule, position; fresh or as `ckpt` left them."""
+    device, out = common.device(args.device), Path(args.output)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:                                     # under torchrun: gloo on CPUs, else NCCL with a GPU per rank
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not state and ((out / "latest").exists() or (out / "final").exists()):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --output")
     if args.eval_every:                                           # STS-B dev must be there before hours of training
@@ -196,8 +180,7 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     if not args.data:                                 # SimCSE's full file if it was downloaded, else the partial one
         full = common.data_dir(args.data_dir, need="nli") / "nli" / "nli_for_simcse.csv"
         args.data = str(full if full.exists() else full.with_name("nli_triplets_partial.csv"))
-    triplets, bad = read_triplets(args.data)
-    sha = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    triplets, bad, sha = read_triplets(args.data)
     if state and (state["data_sha256"], state["world_size"]) != (sha, world):
         raise UserError(f"--resume {ckpt}: the run had other data or {state['world_size']} processes")
     if args.batch_size % world or len(triplets) < args.batch_size:
@@ -214,9 +197,8 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     if ckpt or args.adapter:
         lora.load_adapter(model, ckpt / "adapter" if ckpt else args.adapter)
     else:
-        targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-        lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, targets)
-    params = [p for p in lora.mark_only_lora_trainable(model).parameters() if p.requires_grad]
+        lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.targets)
+    params = [p for p in lora.mark_only_lora_trainable(model).train().parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)   # betas, eps: Trainer's defaults
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(args.warmup_steps, total))
     if state:
@@ -224,13 +206,10 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
         sched.load_state_dict(state["scheduler"])
         generator(device).set_state(state["rng"][rank])
     else:
-        for p in params if world > 1 else []:
-            dist.broadcast(p.data, 0)
         torch.manual_seed(args.seed + rank)                       # each rank its own dropout masks
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not state:                                  # a run interrupted before its first checkpoint starts over
-            (out / "log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not state:                        # a run interrupted before its first checkpoint starts over
+        (out / "log.jsonl").unlink(missing_ok=True)
     pos = SimpleNamespace(**state["position"]) if state else SimpleNamespace(step=0, best_score=None, best_step=None)
     return SimpleNamespace(args=args, out=out, device=device, rank=rank, world=world, model=model, tok=tok,
                            params=params, opt=opt, sched=sched, pos=pos, triplets=triplets, total=total,
@@ -257,8 +236,7 @@ def save_checkpoint(run):
         shutil.rmtree(old)
 
 
-def kept(out: Path) -> str:
-    """What a stopped run leaves to continue from, in words."""
+def kept(out: Path) -> str:                          # what a stopped run leaves to continue from, in words
     if (out / "latest").exists():
         return f"{(out / 'latest').read_text().strip()} in {out} is kept: continue with --resume {out}"
     return f"no checkpoint yet: the same command starts {out} over"
@@ -271,11 +249,10 @@ def evaluate_and_keep_best(run) -> dict:
     encoder = SimpleNamespace(encode=lambda s: prompteol(run.model, run.tok, s).float().cpu().numpy())
     score = evaluate.stsb_dev(encoder, data=run.args.data_dir)
     run.model.train()
-    best = run.pos.best_score is None or score > run.pos.best_score
-    if best:
+    if run.pos.best_score is None or score > run.pos.best_score:
         run.pos.best_score, run.pos.best_step = score, run.pos.step
         lora.save_adapter(run.model, run.out / "best", M.ALIASES.get(run.args.model, run.args.model))
-    return {"step": run.pos.step, "stsb_dev": round(score, 6), "best": best}
+    return {"step": run.pos.step, "stsb_dev": round(score, 6), "best": run.pos.best_step == run.pos.step}
 
 
 def train(run):
@@ -289,8 +266,7 @@ def train(run):
     log({"event": "resume" if run.pos.step else "start", "step": run.pos.step, "args": vars(a), "world_size": world,
          "data_sha256": run.data_sha256, "malformed_lines": run.malformed_lines, "triplets": len(run.triplets),
          "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total, "commit": common.git_commit()})
-    seconds, saved_at = [], time.monotonic()
-    run.model.train()
+    start, saved_at = run.pos.step, time.monotonic()
     with tqdm(total=run.total, initial=run.pos.step, unit="step", disable=rank != 0, smoothing=0) as bar:
         while run.pos.step < run.total:
             rec = train_step(run)
@@ -298,14 +274,13 @@ def train(run):
             if rec.get("event") == "stopped":
                 raise UserError(f"loss {rec['loss']}, gradient norm {rec['grad_norm']} at step {rec['step']}: "
                                 f"stopped before updating the adapter; {kept(out)}")
-            seconds.append(rec["seconds"])
             bar.update(1)
-            bar.set_postfix_str(f"loss {rec['loss']:.4f}, {np.mean(seconds):.1f} s/step")
+            bar.set_postfix_str(f"loss {rec['loss']:.4f}")
             step, left = run.pos.step, run.total - run.pos.step
-            if len(seconds) == 1 and rank == 0:
+            if step == start + 1 and rank == 0:
                 bar.write(f"{len(run.triplets)} triplets from {a.data}, {a.batch_size} a step: step {step} took "
-                          f"{seconds[0]:.0f} s, the {left} steps left take about {left * seconds[0] / 3600:.1f} h "
-                          f"-> {out}", file=sys.stderr)
+                          f"{rec['seconds']:.0f} s, the {left} steps left take about "
+                          f"{left * rec['seconds'] / 3600:.1f} h -> {out}", file=sys.stderr)
             if a.eval_every and rank == 0 and (step % a.eval_every == 0 or step == run.total):
                 log(ev := evaluate_and_keep_best(run))
                 bar.write(f"step {step}: STS-B dev Spearman {100 * ev['stsb_dev']:.2f}{' (best)' * ev['best']}",
@@ -319,26 +294,23 @@ def train(run):
                 saved_at = time.monotonic()
     if rank == 0:
         lora.save_adapter(run.model, out / "final", M.ALIASES.get(a.model, a.model))
-        log({"event": "done", "steps": run.pos.step, "seconds_per_step": round(float(np.mean(seconds or [0])), 3),
-             "best_stsb_dev": run.pos.best_score, "best_step": run.pos.best_step})
+        log({"event": "done", **vars(run.pos)})
         print(f"done: {run.pos.step} steps -> {out / 'final'}\nevaluate: python evaluate.py --model {a.model}"
               f"{' --bits ' + a.bits if a.bits != 'none' else ''} --demonstration none --adapter {out / 'final'}")
 
 
 # ----------------------------------------------------------------------------- CLI
 def parser():
-    p = argparse.ArgumentParser(description="Supervised contrastive (SimCSE) QLoRA fine-tuning of a decoder LLM into "
-                                "a PromptEOL sentence embedder; the defaults are the paper's recipe.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the paper's recipe.")
     a = p.add_argument
     a("--model", default=M.DEFAULT_MODEL, help="alias, local directory or hub id (default %(default)s)")
     a("--adapter", help="start from this LoRA adapter (PEFT format), with its own rank, alpha and dropout")
-    a("--data", help="SimCSE csv, header sent0,sent1,hard_neg (default: <data dir>/nli/nli_for_simcse.csv, "
-      "else nli_triplets_partial.csv); malformed rows are skipped")
+    a("--data", help="SimCSE csv, sent0,sent1,hard_neg (default: <data dir>/nli/, the full file or the partial one)")
     a("--data-dir", help="data folder with nli/ and sts/ (default: $SENTEMB_DATA, else ./data)")
     a("--output", default="runs/cse", help="run folder: log.jsonl, checkpoint-<step>/ named by `latest`, best/ (by "
       "STS-B dev) and final/ adapters (default runs/cse; with --resume, the checkpoint's)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun, rank i takes cuda:i)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPUs, float32)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPU, else float32)")
     a("--bits", choices=["4", "8", "none"], default="4", help="quantize the frozen base: 4 (NF4, QLoRA; default), 8")
     a("--batch-size", type=int, default=256, help="triplets per step over all processes (default 256)")
     a("--chunk-size", type=int, default=32, help="sentences per forward pass: bounds memory (default 32)")
@@ -352,7 +324,7 @@ def parser():
     a("--lora-r", type=int, default=64, help="LoRA rank (default 64)")
     a("--lora-alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
-    a("--targets", default="all-linear", help="LoRA targets: all-linear (default) or names such as q_proj,v_proj")
+    a("--targets", default="all-linear", help="LoRA targets: all-linear (default) or a regex of layer names (PEFT's)")
     a("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
     a("--seed", type=int, default=42, help="seed of the LoRA init, data order and dropout (default 42)")
     a("--eval-every", type=int, default=50, help="STS-B dev every N steps and at the end (default 50; 0 = never)")
@@ -363,7 +335,7 @@ def parser():
 
 
 def parse_args(argv=None):
-    """-> (args, checkpoint folder, checkpoint state); --resume takes the settings from the checkpoint."""
+    """-> (args, checkpoint, state). --resume: all but LOCAL settings from the checkpoint; other RECIPE refused."""
     p = parser()
     args = p.parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))                  # parsed again without defaults: the flags given
@@ -373,8 +345,7 @@ def parse_args(argv=None):
         ckpt = Path(args.resume)
         ckpt = ckpt / (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else ckpt
         if not (ckpt / "trainer.pt").exists():
-            raise UserError(f"--resume {args.resume}: no checkpoint there (a run folder with `latest`, or a "
-                            f"checkpoint-<step> folder)")
+            raise UserError(f"--resume {args.resume}: no checkpoint there (nor a `latest` file naming one)")
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         old = state["args"]
         changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {old[k]})" for k in RECIPE

@@ -294,10 +294,11 @@ def test_stsb_dev_during_training_is_evaluate_pys(tiny, tmp_path, data_root):
 def test_malformed_rows_are_skipped_with_line_numbers(tmp_path, capsys, tiny):
     p = tmp_path / "x.csv"
     p.write_text('sent0,sent1,hard_neg\na,b,c\n"multi\nline",b,c\nonly,two\n\na, ,c\nd,e,f,g\nh,i,j\n')
-    triplets, bad = T.read_triplets(p)
+    triplets, bad, _ = T.read_triplets(p)
     assert triplets == [("a", "b", "c"), ("multi\nline", "b", "c"), ("h", "i", "j")] and bad == [5, 7, 8]
     for text, msg in (("s1,s2,s3\na,b,c\n", "expected sent0,sent1,hard_neg"), ("", "header is empty"),
-                      ("sent0,sent1,hard_neg\n,,\n", "no valid triplet"), (b"sent0,sent1,hard_neg\n\xff,b,c\n", ":2: not UTF-8")):
+                      ("sent0,sent1,hard_neg\n,,\n", "no valid triplet"),
+                      (b"sent0,sent1,hard_neg\n\xff,b,c\n", ":2: not UTF-8")):
         (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
         with pytest.raises(T.UserError, match=msg):
             T.read_triplets(p)
@@ -335,11 +336,12 @@ def test_torchrun_two_processes_train_like_one(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(T.Path(T.__file__)), *flags], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert T.main(args(tiny, NLI, tmp_path / "one", "--max-steps", "2", "--save-every", "1", "--lora-dropout", "0")) == 0
+    assert T.main(args(tiny, NLI, tmp_path / "one", *flags[flags.index("--max-steps"):])) == 0
     logs = [log(tmp_path / d) for d in ("ddp", "one")]
     assert logs[0][0]["world_size"] == 2 and logs[1][0]["world_size"] == 1
     for a, b in zip(*[[r for r in lg if "loss" in r] for lg in logs]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)       # the SUM of the ranks' gradients
     a, b = adapter(tmp_path / "ddp" / "final"), adapter(tmp_path / "one" / "final")
     assert max(rel(a[k], b[k]) for k in a) < 1e-4      # (Adam turns a rounding-level gradient into a full step)
     assert len(torch.load(tmp_path / "ddp" / "checkpoint-1" / "trainer.pt", weights_only=True)["rng"]) == 2
