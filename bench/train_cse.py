@@ -32,18 +32,30 @@ def status_kb(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def plain_step(model, chunks, temp):
+    """What a plain transformers + LoRA step does: every chunk's graph lives until one backward."""
+    import torch
+    import train_cse as T
+    local = torch.cat([T.embed_chunk(model, ids, mask) for _, ids, mask in chunks])
+    loss = T.batch_loss(local[torch.argsort(torch.cat([rows for rows, _, _ in chunks]))], temp)
+    loss.backward()
+    return loss.detach()
+
+
 def worker(spec, a):
     """One step in this process; prints one JSON line."""
     import torch
     import train_cse as T
     mode, batch = spec.split(":")
+    if mode == "plain":
+        T.cached_step = plain_step
     with tempfile.TemporaryDirectory() as out:
-        flags = ["--model", a.model, "--bits", str(a.bits), "--batch-size", batch, "--chunk-size", str(a.chunk_size),
-                 "--max-steps", "1", "--eval-every", "0", "--save-every", "0", "--out", out + "/run"]
+        flags = ["--model", a.model, "--bits", a.bits, "--batch-size", batch, "--chunk-size", str(a.chunk_size),
+                 "--max-steps", "1", "--eval-every", "0", "--save-every", "0", "--save-minutes", "0",
+                 "--output", out + "/run"]
         flags += (["--data", a.data] if a.data else []) + (["--data-dir", a.data_dir] if a.data_dir else [])
-        flags += ["--no-grad-cache"] if mode == "plain" else []
-        args = T.parser().parse_args(flags)
-        T.check(args)
+        flags += ["--dtype", a.dtype] if a.dtype else []
+        args, _, _ = T.parse_args(flags)
         run = T.prepare(args)
         import gc
         gc.collect()
@@ -53,9 +65,9 @@ def worker(spec, a):
         except OSError:
             reset = False
         before = status_kb("VmRSS")
-        run.emb.model.train()
+        run.model.train()
         t0 = time.perf_counter()
-        rec = T.train_step(run, lambda msg: None)
+        rec = T.train_step(run)
         seconds = time.perf_counter() - t0
         peak = status_kb("VmHWM")
     print(json.dumps({"run": spec, "mode": mode, "batch": int(batch), "chunk_size": a.chunk_size,
@@ -69,7 +81,8 @@ def main():
     p.add_argument("--runs", default="cached:256,cached:64,cached:32,plain:32,plain:64",
                    help="comma-separated MODE:BATCH, MODE = cached (gradient caching) or plain (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32], help="frozen base (default 4, QLoRA)")
+    p.add_argument("--bits", default="4", choices=["4", "8", "none"], help="quantize the frozen base (default 4, QLoRA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: train_cse.py's)")
     p.add_argument("--chunk-size", type=int, default=32, help="sentences per forward pass (default 32, as train_cse.py)")
     p.add_argument("--data", help="NLI csv (default: train_cse.py's)")
     p.add_argument("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
@@ -85,7 +98,7 @@ def main():
             p.error(f"--runs: {s!r} is not MODE:BATCH with MODE cached or plain")
     results = []
     for s in specs:   # a fresh process each: no run inherits another's allocator state or peak
-        cmd = [sys.executable, __file__, "--worker", s] + [x for k in ("model", "bits", "chunk_size", "data", "data_dir")
+        cmd = [sys.executable, __file__, "--worker", s] + [x for k in ("model", "bits", "dtype", "chunk_size", "data", "data_dir")
                                                           if getattr(a, k) is not None
                                                           for x in (f"--{k.replace('_', '-')}", str(getattr(a, k)))]
         t0 = time.time()

@@ -1,8 +1,12 @@
 """train_cse.py: the loss by hand; gradient caching == backprop (fp32, and a 4-bit base across an evaluation);
-2 gloo processes == 1 process (the functions, and the CLI under torchrun); exact resume; NaN stop; best adapter;
-malformed csv; training prompts and embeddings == inference's. Tiny random models, one CPU thread."""
+2 gloo processes == 1 process (the functions, and the CLI under torchrun); exact resume with the checkpoint's
+recipe; Ctrl-C and NaN stops; the schedule; best adapter and STS-B dev as evaluate.py scores it; malformed csv;
+training embeddings == inference's. Tiny random models, one CPU thread, tests/fixtures/nli_triplets.csv."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,10 +15,11 @@ import torch.multiprocessing as mp
 import lora as L
 import model as M
 import train_cse as T
+from conftest import FIXTURES
 
 LLAMA = dict(model_type="llama", vocab_size=400, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
-NOUNS = ["guitar", "dog", "horse", "onion", "car", "ball", "river", "book", "cake", "phone", "tree", "boat"]
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+NLI = str(FIXTURES / "nli_triplets.csv")      # 24 SimCSE triplets
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,18 +39,6 @@ def tiny(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="module")
-def nli_csv(tmp_path_factory):
-    rows = ["sent0,sent1,hard_neg"]
-    for i in range(24):
-        a, b = NOUNS[i % 12], NOUNS[(5 * i + 3) % 12]
-        rows.append(f'"A man, {i} years old, holds a {a} near the {b}.",A man holds a {a}.,'
-                    f"Nobody is near a {b}" + (" at all today" * (i % 3)))
-    p = tmp_path_factory.mktemp("nli") / "nli.csv"
-    p.write_text("\n".join(rows) + "\n")
-    return str(p)
-
-
 def lora_model(path, r=8, dropout=0.0, seed=0):
     m, tok = M.load(path, device="cpu")
     torch.manual_seed(seed)
@@ -63,6 +56,15 @@ def random_ids(n, seed):
     return [torch.randint(4, 400, (int(k),), generator=g).tolist() for k in torch.randint(3, 14, (n,), generator=g)]
 
 
+def plain_step(model, chunks, temp):
+    """The reference: plain backpropagation, every chunk's graph kept until one backward."""
+    parts = [T.embed_chunk(model, ids, mask) for _, ids, mask in chunks]
+    local = torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _, _ in chunks]))]
+    loss = T.batch_loss(local, temp)
+    loss.backward()
+    return loss.detach()
+
+
 def grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 
@@ -71,7 +73,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-# ----------------------------------------------------------------------------- the loss
+# ----------------------------------------------------------------------------- the loss and the schedule
 def test_loss_hand_computed():
     s = 1 / math.sqrt(2)
     z = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]],        # x1, x1+, x1-
@@ -83,12 +85,19 @@ def test_loss_hand_computed():
     assert T.contrastive_loss(z, 0.05).item() == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("warmup,total", [(1, 1), (0, 1), (3, 10), (100, 1077)])
+def test_schedule_never_runs_at_lr_zero(warmup, total):
+    f = [T.warmup_then_decay(warmup, total)(s) for s in range(total)]
+    assert all(0 < x <= 1 for x in f) and (warmup >= total or f[warmup] == 1)        # the peak after the warmup
+    assert f[:warmup + 1] == sorted(f[:warmup + 1]) and f[warmup:] == sorted(f[warmup:], reverse=True)
+
+
 # ----------------------------------------------------------------------------- gradient caching
 def test_gradient_cache_equals_backprop_with_dropout(tiny):
     model, tok = lora_model(tiny, dropout=0.1)
     chunks = T.make_chunks(tok, random_ids(18, 1), 4, torch.device("cpu"))        # 6 triplets, 5 chunks
     runs = {}
-    for name, step, seed in (("plain", T.plain_step, 7), ("cached", T.cached_step, 7), ("other", T.plain_step, 8)):
+    for name, step, seed in (("plain", plain_step, 7), ("cached", T.cached_step, 7), ("other", plain_step, 8)):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
         loss = step(model, chunks, 0.05)
@@ -111,9 +120,9 @@ def test_4bit_base_evaluation_between_steps_changes_nothing(tiny):
     w0 = dequantize_4bit(lin.weight.data, lin.weight.quant_state).clone()
     chunks = T.make_chunks(tok, random_ids(18, 3), 4, torch.device("cpu"))
     runs = []
-    for step in (T.cached_step, T.plain_step):
+    for step in (T.cached_step, plain_step):
         with torch.inference_mode():
-            T.eval_mode(q)(chunks[0][1], chunks[0][2])
+            q.eval()(chunks[0][1], chunks[0][2])
         q.train().zero_grad(set_to_none=True)
         torch.manual_seed(5)
         runs.append((step(q, chunks, 0.05), grads(q)))
@@ -130,7 +139,7 @@ def _ddp_worker(rank, path, init, out):
     model, tok = lora_model(path)
     ids = random_ids(24, 2)[12 * rank:12 * (rank + 1)]                 # 4 of the 8 triplets each
     result = {}
-    for name, step in (("cached", T.cached_step), ("plain", T.plain_step)):
+    for name, step in (("cached", T.cached_step), ("plain", plain_step)):
         model.zero_grad(set_to_none=True)
         loss = step(model, T.make_chunks(tok, ids, 5, torch.device("cpu")), 0.05)
         T.sum_gradients([p for p in model.parameters() if p.requires_grad])
@@ -151,10 +160,10 @@ def test_two_gloo_processes_equal_one_process(tiny, tmp_path):
             assert rel(got[name][1], want) < 1e-5, (rank, name)
 
 
-# ----------------------------------------------------------------------------- the CLI: resume, NaN, best
+# ----------------------------------------------------------------------------- the CLI: resume, stops, best
 def args(tiny, data, out, *extra):
-    return ["--model", tiny, "--bits", "32", "--data", data, "--out", str(out), "--batch-size", "4",
-            "--chunk-size", "5", "--lora-r", "8", "--eval-every", "0", *extra]
+    return ["--model", tiny, "--bits", "none", "--dtype", "float32", "--data", data, "--output", str(out),
+            "--batch-size", "4", "--chunk-size", "5", "--lora-r", "8", "--eval-every", "0", *extra]
 
 
 def adapter(d):
@@ -162,110 +171,177 @@ def adapter(d):
     return load_file(str(d / "adapter_model.safetensors"))
 
 
-def test_resume_is_exact(tiny, nli_csv, tmp_path, monkeypatch):
-    # 20 triplets (and a malformed row) in batches of 4: step 3 is mid-epoch, steps 6 in the second epoch
-    lines = T.Path(nli_csv).read_text().splitlines()
+def log(d):
+    return [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_with_the_checkpoints_recipe(tiny, tmp_path, monkeypatch, capsys):
+    # 20 triplets (and a malformed row) in batches of 4: step 3 is mid-epoch, step 6 in the second epoch
+    lines = T.Path(NLI).read_text().splitlines()
     data = tmp_path / "nli.csv"
     data.write_text("\n".join(lines[:12] + ["a malformed row,"] + lines[12:21]) + "\n")
     run = lambda out, *extra: T.main(args(tiny, str(data), tmp_path / out, "--max-steps", "6", "--epochs", "2",
-                                          "--save-every", "3", *extra))  # noqa: E731
+                                          "--save-every", "3", "--lr", "1e-3", *extra))  # noqa: E731
     assert run("a") == 0
     save = T.save_checkpoint
 
-    def crash_after_save(*a, **kw):                # the process dies right after the step-3 checkpoint
+    def crash_after_save(*a, **kw):                # Ctrl-C right after the step-3 checkpoint
         save(*a, **kw)
         raise KeyboardInterrupt
     monkeypatch.setattr(T, "save_checkpoint", crash_after_save)
-    assert run("b") == 130
+    capsys.readouterr()
+    assert run("b") == 1
+    b = tmp_path / "b"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"sentemb: interrupted; at step 4, checkpoint-3 in {b} is "
+                                                        f"kept: continue with --resume {b}")
     monkeypatch.undo()
-    assert (tmp_path / "b" / "latest").read_text().strip() == "checkpoint-3" and not (tmp_path / "b" / "final").exists()
-    assert run("b", "--resume", str(tmp_path / "b")) == 0
-    a, b = adapter(tmp_path / "a" / "final"), adapter(tmp_path / "b" / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
-    losses = [[r["loss"] for r in log if "loss" in r] for log in logs]
+    assert (b / "latest").read_text().strip() == "checkpoint-3" and not (b / "final").exists()
+    assert T.main(["--resume", str(b)]) == 0                     # the recipe (lr, batch, steps...) is the run's
+    # the same values given explicitly, another --output and --save-every: accepted
+    assert T.main(["--resume", str(b / "checkpoint-3"), "--lr", "0.001", "--batch-size", "4",
+                   "--output", str(tmp_path / "c"), "--save-every", "1"]) == 0
+    final_a = adapter(tmp_path / "a" / "final")
+    for d in (b, tmp_path / "c"):
+        got = adapter(d / "final")
+        assert got.keys() == final_a.keys() and all(torch.equal(got[k], final_a[k]) for k in got), d
+    losses = [[r["loss"] for r in log(tmp_path / d) if "loss" in r] for d in "ab"]
     assert losses[0] == losses[1] and len(set(losses[0])) == 6
-    assert logs[0][0]["malformed_lines"] == [13] and logs[0][0]["steps_per_epoch"] == 5
-    assert [r["epoch"] for r in logs[1] if "loss" in r] == [1, 1, 1, 1, 1, 2]
-    # a different recipe is refused, in one line
-    assert run("b", "--lr", "1e-4", "--resume", str(tmp_path / "b" / "checkpoint-3")) == 1
+    assert log(tmp_path / "a")[0]["malformed_lines"] == [13] and log(tmp_path / "a")[0]["steps_per_epoch"] == 5
+    assert [r["epoch"] for r in log(b) if "loss" in r] == [1, 1, 1, 1, 1, 2]
+    # a recipe flag given with another value is refused, in one line naming it
+    capsys.readouterr()
+    assert T.main(["--resume", str(b / "checkpoint-3"), "--lr", "1e-4", "--eval-every", "5"]) == 1
+    assert capsys.readouterr().err == (f"sentemb: error: --resume {b / 'checkpoint-3'}: the run was started "
+                                       f"otherwise: --lr 0.0001 (the run's: 0.001)\n")
     # the final adapter is what embed.py loads
     from embed import Embedder
     e = Embedder(tiny, demonstrations=[], adapter=str(tmp_path / "a" / "final"))
     assert e.encode(["A man plays a guitar."]).shape == (1, 64)
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny, nli_csv, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_before_the_first_checkpoint_leaves_a_run_folder_a_rerun_accepts(tiny, tmp_path, monkeypatch, capsys):
+    calls, real = [], T.cached_step
+
+    def interrupt_second(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(T, "cached_step", interrupt_second)
+    flags = args(tiny, NLI, tmp_path, "--max-steps", "3", "--save-every", "5")
+    assert T.main(flags) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"sentemb: interrupted; at step 2, no checkpoint yet: the same command starts "
+                                    f"{tmp_path} over") and "Traceback" not in err
+    monkeypatch.undo()
+    assert T.main(flags) == 0
+    assert [r["step"] for r in log(tmp_path) if "loss" in r] == [1, 2, 3]        # a fresh log
+    assert T.main(flags) == 1                                                    # a finished run is not overwritten
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     real, calls = T.contrastive_loss, []
 
     def nan_on_third(z, temp):
         calls.append(1)
         return real(z, temp) * (float("nan") if len(calls) == 3 else 1.0)
     monkeypatch.setattr(T, "contrastive_loss", nan_on_third)
-    assert T.main(args(tiny, nli_csv, tmp_path, "--max-steps", "5", "--save-every", "2")) == 1
+    assert T.main(args(tiny, NLI, tmp_path, "--max-steps", "5", "--save-every", "2")) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]            # (after the progress bar)
-    assert err.startswith("train_cse.py: error: loss nan at step 3") and "checkpoint-2" in err
+    assert err.startswith("sentemb: error: loss nan, gradient norm 0.0 at step 3: stopped before updating")
+    assert "checkpoint-2" in err
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-2" and not (tmp_path / "final").exists()
     assert (tmp_path / "checkpoint-2" / "adapter" / "adapter_model.safetensors").exists()
-    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+    assert log(tmp_path)[-1]["event"] == "stopped"
 
 
-def test_best_adapter_by_stsb_dev(tiny, nli_csv, tmp_path, monkeypatch):
+def test_first_step_trains_estimates_and_checkpoints_by_time(tiny, tmp_path, capsys):
+    assert T.main(args(tiny, NLI, tmp_path / "one", "--max-steps", "1")) == 0
+    assert log(tmp_path / "one")[1]["lr"] > 0                            # --max-steps 1 does not train at lr 0
+    assert any(v.abs().sum() > 0 for k, v in adapter(tmp_path / "one" / "final").items() if "lora_B" in k)
+    capsys.readouterr()
+    assert T.main(args(tiny, NLI, tmp_path / "t", "--max-steps", "3", "--save-every", "0",
+                       "--save-minutes", "1e-9")) == 0
+    assert (tmp_path / "t" / "latest").read_text().strip() == "checkpoint-2"          # a checkpoint by time
+    assert "step 1 took 0 s, the 2 steps left take about 0.0 h" in capsys.readouterr().err
+
+
+def test_best_adapter_by_stsb_dev(tiny, tmp_path, monkeypatch):
     import evaluate
+    (tmp_path / "data" / "sts").mkdir(parents=True)                  # STS-B dev itself is stubbed
     scores = iter([0.5, 0.4])
     monkeypatch.setattr(evaluate, "stsb_dev", lambda enc, data=None: (enc.encode(["x"]), next(scores))[1])
-    assert T.main(args(tiny, nli_csv, tmp_path, "--max-steps", "4", "--eval-every", "2")) == 0
-    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["best"]) for r in log if "stsb_dev" in r] == [(2, True), (4, False)]
-    best, final = adapter(tmp_path / "best"), adapter(tmp_path / "final")
+    out = tmp_path / "run"
+    assert T.main(args(tiny, NLI, out, "--max-steps", "4", "--eval-every", "2", "--data-dir",
+                       str(tmp_path / "data"))) == 0
+    assert [(r["step"], r["best"]) for r in log(out) if "stsb_dev" in r] == [(2, True), (4, False)]
+    best, final = adapter(out / "best"), adapter(out / "final")
     assert any(not torch.equal(best[k], final[k]) for k in best)
 
 
-# ----------------------------------------------------------------------------- data and prompts
+def test_stsb_dev_during_training_is_evaluate_pys(tiny, tmp_path, data_root):
+    import evaluate
+    from embed import Embedder
+    assert T.main(args(tiny, NLI, tmp_path, "--max-steps", "2", "--eval-every", "2", "--data-dir",
+                       str(data_root))) == 0
+    logged = [r["stsb_dev"] for r in log(tmp_path) if "stsb_dev" in r]
+    e = Embedder(tiny, demonstrations=[], adapter=str(tmp_path / "best"), dtype="float32", device="cpu")
+    assert logged == [pytest.approx(evaluate.stsb_dev(e, data=data_root), abs=1e-5)]
+
+
+# ----------------------------------------------------------------------------- data, prompts, flags
 def test_malformed_rows_are_skipped_with_line_numbers(tmp_path, capsys, tiny):
     p = tmp_path / "x.csv"
     p.write_text('sent0,sent1,hard_neg\na,b,c\n"multi\nline",b,c\nonly,two\n\na, ,c\nd,e,f,g\nh,i,j\n')
-    triplets, bad = T.read_triplets(p)
+    triplets, bad, _ = T.read_triplets(p)
     assert triplets == [("a", "b", "c"), ("multi\nline", "b", "c"), ("h", "i", "j")] and bad == [5, 7, 8]
-    for text, msg in (("s1,s2,s3\na,b,c\n", "expected SimCSE's sent0,sent1,hard_neg"), ("", "header is empty"),
-                      ("sent0,sent1,hard_neg\n,,\n", "no valid triplet"), (b"sent0,sent1,hard_neg\n\xff,b,c\n", ":2: not UTF-8")):
+    for text, msg in (("s1,s2,s3\na,b,c\n", "expected sent0,sent1,hard_neg"), ("", "header is empty"),
+                      ("sent0,sent1,hard_neg\n,,\n", "no valid triplet"),
+                      (b"sent0,sent1,hard_neg\n\xff,b,c\n", ":2: not UTF-8")):
         (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
         with pytest.raises(T.UserError, match=msg):
             T.read_triplets(p)
-    assert T.main(["--data", str(p), "--model", tiny, "--eval-every", "0", "--out", str(tmp_path / "o")]) == 1
+    capsys.readouterr()
+    assert T.main(["--data", str(p), "--model", tiny, "--eval-every", "0", "--output", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(T.UserError, match="no such file"):
         T.read_triplets(tmp_path / "missing.csv")
 
 
-def test_training_prompts_and_embeddings_match_inference(tiny):
-    from embed import Embedder
+def test_training_embeddings_are_inferences(tiny):
+    """Training's prompts and embeddings (embed.render, chunks, the last token) == embed.prompteol == Embedder."""
+    from embed import Embedder, prompteol, render
     e = Embedder(tiny, demonstrations=[], max_tokens=8)
     sents = ["A man plays a guitar", 'He said "hi"?', "word " * 40]
-    ids, cut = T.tokenize(e, sents)
-    assert cut == sum(e.prompt(s)[1] for s in sents) >= 1
-    assert ids == [e.prefix_ids + rest if hit else rest for rest, hit in e.tokenize(sents)]
+    ids = [e.tok.encode(render(e.tok, s, "eol", "", 8)[0]) for s in sents]
     chunks = T.make_chunks(e.tok, ids, 2, torch.device("cpu"))
     with torch.no_grad():
-        got = T.assemble([T.embed_chunk(e.model, t, m) for _, t, m in chunks], chunks)
+        parts = [T.embed_chunk(e.model, t, m) for _, t, m in chunks]
+    got = torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _, _ in chunks]))]
+    torch.testing.assert_close(got, prompteol(e.model, e.tok, sents, max_tokens=8), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, torch.from_numpy(e.encode(sents)), atol=1e-5, rtol=1e-5)
 
 
-def test_torchrun_two_processes_train_like_one(tiny, nli_csv, tmp_path):
+def test_every_flag_and_the_parser_have_help():
+    p = T.parser()
+    assert p.description and all(a.help for a in p._actions)
+    assert p.get_default("max_tokens") == 32 and p.get_default("bits") == "4"
+
+
+def test_torchrun_two_processes_train_like_one(tiny, tmp_path):
     """The CLI under torchrun (gloo): same losses and adapter as one process on the same global batches."""
-    import os
-    import subprocess
-    import sys
-    flags = args(tiny, nli_csv, tmp_path / "ddp", "--max-steps", "2", "--save-every", "1", "--lora-dropout", "0")
+    flags = args(tiny, NLI, tmp_path / "ddp", "--max-steps", "2", "--save-every", "1", "--lora-dropout", "0")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(T.Path(T.__file__)), *flags], env=env, capture_output=True, text=True, timeout=120)
+                        str(T.Path(T.__file__)), *flags], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert T.main(args(tiny, nli_csv, tmp_path / "one", "--max-steps", "2", "--save-every", "1", "--lora-dropout", "0")) == 0
-    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("ddp", "one")]
+    assert T.main(args(tiny, NLI, tmp_path / "one", *flags[flags.index("--max-steps"):])) == 0
+    logs = [log(tmp_path / d) for d in ("ddp", "one")]
     assert logs[0][0]["world_size"] == 2 and logs[1][0]["world_size"] == 1
-    for a, b in zip(*[[r for r in log if "loss" in r] for log in logs]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for a, b in zip(*[[r for r in lg if "loss" in r] for lg in logs]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)       # the SUM of the ranks' gradients
     a, b = adapter(tmp_path / "ddp" / "final"), adapter(tmp_path / "one" / "final")
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert max(rel(a[k], b[k]) for k in a) < 1e-4      # (Adam turns a rounding-level gradient into a full step)
     assert len(torch.load(tmp_path / "ddp" / "checkpoint-1" / "trainer.pt", weights_only=True)["rng"]) == 2
