@@ -1,5 +1,6 @@
 """What every stage shares: the one error type and the one way a CLI ends, the data folder, atomic
-writes, the hub, the --demonstration and --device flags, and the on-disk embedding cache."""
+writes, the hub, the --demonstration, --device and --output checks, a record's provenance, and the
+on-disk embedding cache."""
 from __future__ import annotations
 
 import contextlib
@@ -7,10 +8,12 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +118,40 @@ def device(name=None):
     return dev
 
 
+def writable(flag, path) -> Path:
+    """Fail before any work if `path`, the value of `flag`, cannot be written: a folder, no folder, no permission."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
+    existed = p.exists()
+    try:  # the real test: permissions, a read-only file system, root on /proc
+        p.open("a").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        p.unlink()
+    return p
+
+
 def git_commit():
     try:  # None outside a git checkout
         run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         return run.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+VERSIONED = {"numpy": "numpy", "scipy": "scipy", "scikit-learn": "sklearn", "torch": "torch",
+             "bitsandbytes": "bitsandbytes", "sentence-transformers": "sentence_transformers"}
+
+
+def provenance(script, argv, started) -> dict:
+    """A results record's reproduction facts: commit, command, versions of the libraries loaded, start, duration."""
+    loaded = {name: sys.modules[m].__version__ for name, m in VERSIONED.items() if m in sys.modules}
+    return {"git_commit": git_commit(), "command": [script, *(sys.argv[1:] if argv is None else argv)],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_seconds": round(time.time() - started, 1),
+            "versions": {"python": platform.python_version(), **loaded}}
 
 
 # ----------------------------------------------------------------------------- the embedding cache
