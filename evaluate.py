@@ -20,7 +20,7 @@ import pathlib
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,19 +30,10 @@ from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir
 
 
 # ----------------------------------------------------------------------------- loading
-@dataclass
-class Pairs:  # sentence pairs with one gold value each (a 0-5 similarity, or MRPC's 0/1 label)
-    a: list
-    b: list
-    gold: np.ndarray
-    files: tuple = ()
-
-
-@dataclass
-class Labeled:  # single sentences with integer class labels
-    x: list
-    y: np.ndarray
-    files: tuple = ()
+# Sentence pairs with one gold value each (a 0-5 similarity, or MRPC's 0/1 label), and single sentences with integer
+# class labels (an np.ndarray each); `files` are the data files read.
+Pairs = namedtuple("Pairs", "a b gold files", defaults=[()])
+Labeled = namedtuple("Labeled", "x y files", defaults=[()])
 
 
 def _lines(path, encoding="utf-8"):
@@ -145,6 +136,9 @@ TRANSFER = ["mr", "cr", "subj", "mpqa", "sst2", "trec", "mrpc"]
 TITLES = dict(zip(STS + TRANSFER + ["stsb-dev"],
                   "STS12 STS13 STS14 STS15 STS16 STS-B SICK-R MR CR SUBJ MPQA SST-2 TREC MRPC".split() + ["STS-B dev"]))
 GROUPS = {"sts": STS, "transfer": TRANSFER, "all": STS + TRANSFER}
+SPLITS = {"stsb": (load_stsb, ["test"]), "stsb-dev": (load_stsb, ["dev"]), "sickr": (load_sick, ["test"]),
+          "sst2": (load_sst2, ["train", "dev", "test"]), "trec": (load_trec, ["train", "test"]),
+          "mrpc": (load_mrpc, ["train", "test"])}
 
 
 def parse_tasks(spec: str) -> list:
@@ -157,11 +151,6 @@ def parse_tasks(spec: str) -> list:
     if not items:
         raise UserError("no task given")
     return list(dict.fromkeys(name for item in items for name in GROUPS.get(item, [item])))
-
-
-SPLITS = {"stsb": (load_stsb, ["test"]), "stsb-dev": (load_stsb, ["dev"]), "sickr": (load_sick, ["test"]),
-          "sst2": (load_sst2, ["train", "dev", "test"]), "trec": (load_trec, ["train", "test"]),
-          "mrpc": (load_mrpc, ["train", "test"])}
 
 
 def load_task(name, root) -> dict:
@@ -325,7 +314,7 @@ def evaluate(encoder, loaded, kfold=10, progress=True) -> dict:
     """{task: result} for {task: splits} from load_task; each result has "score" (Spearman or accuracy, a fraction).
     Every sentence of every task is encoded once."""
     data = [d for splits in loaded.values() for d in splits.values()]
-    sents = [s for d in data for s in (d.a + d.b if isinstance(d, Pairs) else d.x)]
+    sents = [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)]
     emb = embed_all(encoder, sents, progress)
     return {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
 
