@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -207,13 +206,9 @@ def check_output(path: str | None, quick: bool):
         if quick:
             return
         raise UserError("no --output: pass --output FILE (.npy, .safetensors or .jsonl) to keep the embeddings")
-    p = Path(path)
-    if p.suffix not in (".npy", ".safetensors", ".jsonl"):
+    if Path(path).suffix not in (".npy", ".safetensors", ".jsonl"):
         raise UserError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
-    if p.is_dir() or not p.parent.is_dir():
-        raise UserError(f"--output {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
-    if not os.access(p.parent, os.W_OK):
-        raise UserError(f"--output {path}: its folder is not writable")
+    common.writable("--output", path)
 
 
 def write_output(path: str, sentences, emb: np.ndarray):
