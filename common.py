@@ -102,6 +102,22 @@ def parse_demonstrations(values):
     return demos
 
 
+def embedder_flags(p):
+    """Add the flags that configure embed.Embedder to parser p, with one meaning in every script; unset: None."""
+    a = p.add_argument
+    a("--template", choices=["eol", "prompt", "none"],
+      help="eol: PromptEOL (default, the paper's); prompt: no 'in one word'; none: the bare sentence")
+    a("--pooling", choices=["last", "mean"], help="the last token's state (default) or the prompt's mean")
+    a("--demonstration", action="append", metavar="SENTENCE=>WORD",
+      help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
+    a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
+    a("--max-tokens", type=int, help="cut each sentence to this many tokens (default: no cut, as the paper)")
+    a("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPUs)")
+    a("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears to 4 or 8 bits (bitsandbytes)")
+
+
 def device(name=None):
     """--device value -> torch.device; None: cuda if available, else cpu."""
     import torch

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, parse_demonstrations,
-                    provenance, writable)
+from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, embedder_flags,
+                    parse_demonstrations, provenance, writable)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -362,18 +362,9 @@ LLM_FLAGS = ["model", "template", "pooling", "demonstration", "adapter", "bits",
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", help="model aliases or paths, evaluated in turn (default: smollm2-135m)")
-    p.add_argument("--template", choices=["eol", "prompt", "none"], help="PromptEOL (default), no 'in one word', bare")
-    p.add_argument("--pooling", choices=["last", "mean"], help="last token (default) or mean over the prompt")
-    p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
-                   help="repeatable, or none (default: the model's own)")
-    p.add_argument("--adapter", help="LoRA adapter directory (from train_cse.py)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: embed.py's)")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base model quantized to 4 or 8 bits")
-    p.add_argument("--max-tokens", type=int, help="cut sentences to this many tokens (default: no cut, as the paper)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    embedder_flags(p)
     p.add_argument("--tasks", default="sts", help="sts (default), transfer, all, or names: " + ",".join(TITLES))
-    p.add_argument("--kfold", type=int, default=10, help="transfer CV folds (default 10, the paper's; SentEval: 5)")
+    p.add_argument("--kfold", type=int, default=10, help="transfer CV folds (default 10, the paper's; SentEval's is 5)")
     p.add_argument("--data-dir", help="data folder with sts/ and transfer/ (default: $SENTEMB_DATA, else ./data)")
     p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json; creates runs/ if missing)")
     p.add_argument("--plot", metavar="PNG", help="also draw average STS against parameter count, with the paper's")
