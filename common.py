@@ -1,5 +1,6 @@
 """What every stage shares: the one error type and the one way a CLI ends, the data folder, atomic
-writes, the hub, the --demonstration and --device flags, and the on-disk embedding cache."""
+writes, the hub, the --demonstration, --device and --output checks, a record's provenance, and the
+on-disk embedding cache."""
 from __future__ import annotations
 
 import contextlib
@@ -7,10 +8,12 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,22 @@ def parse_demonstrations(values):
     return demos
 
 
+def embedder_flags(p):
+    """Add the flags that configure embed.Embedder to parser p, with one meaning in every script; unset: None."""
+    a = p.add_argument
+    a("--template", choices=["eol", "prompt", "none"],
+      help="eol: PromptEOL (default, the paper's); prompt: no 'in one word'; none: the bare sentence")
+    a("--pooling", choices=["last", "mean"], help="the last token's state (default) or the prompt's mean")
+    a("--demonstration", action="append", metavar="SENTENCE=>WORD",
+      help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
+    a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
+    a("--max-tokens", type=int, help="cut each sentence to this many tokens (default: no cut, as the paper)")
+    a("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPUs)")
+    a("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears to 4 or 8 bits (bitsandbytes)")
+
+
 def device(name=None):
     """--device value -> torch.device; None: cuda if available, else cpu."""
     import torch
@@ -115,12 +134,40 @@ def device(name=None):
     return dev
 
 
+def writable(flag, path) -> Path:
+    """Fail before any work if `path`, the value of `flag`, cannot be written: a folder, no folder, no permission."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
+    existed = p.exists()
+    try:  # the real test: permissions, a read-only file system, root on /proc
+        p.open("a").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        p.unlink()
+    return p
+
+
 def git_commit():
     try:  # None outside a git checkout
         run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         return run.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+VERSIONED = {"numpy": "numpy", "scipy": "scipy", "scikit-learn": "sklearn", "torch": "torch",
+             "bitsandbytes": "bitsandbytes", "sentence-transformers": "sentence_transformers"}
+
+
+def provenance(script, argv, started) -> dict:
+    """A results record's reproduction facts: commit, command, versions of the libraries loaded, start, duration."""
+    loaded = {name: sys.modules[m].__version__ for name, m in VERSIONED.items() if m in sys.modules}
+    return {"git_commit": git_commit(), "command": [script, *(sys.argv[1:] if argv is None else argv)],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_seconds": round(time.time() - started, 1),
+            "versions": {"python": platform.python_version(), **loaded}}
 
 
 # ----------------------------------------------------------------------------- the embedding cache

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -207,13 +206,9 @@ def check_output(path: str | None, quick: bool):
         if quick:
             return
         raise UserError("no --output: pass --output FILE (.npy, .safetensors or .jsonl) to keep the embeddings")
-    p = Path(path)
-    if p.suffix not in (".npy", ".safetensors", ".jsonl"):
+    if Path(path).suffix not in (".npy", ".safetensors", ".jsonl"):
         raise UserError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
-    if p.is_dir() or not p.parent.is_dir():
-        raise UserError(f"--output {path}: {'is a directory' if p.is_dir() else 'its folder does not exist'}")
-    if not os.access(p.parent, os.W_OK):
-        raise UserError(f"--output {path}: its folder is not writable")
+    common.writable("--output", path)
 
 
 def write_output(path: str, sentences, emb: np.ndarray):
@@ -240,17 +235,8 @@ def main(argv=None):
                     help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: %(default)s)")
     ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines stay rows")
     ap.add_argument("--output", help=".npy, .safetensors or .jsonl file for the embeddings, in input order")
-    ap.add_argument("--template", default="eol", choices=TEMPLATES,
-                    help="eol: PromptEOL (paper); prompt: no 'in one word'; none: the bare sentence")
-    ap.add_argument("--pooling", default="last", choices=POOLINGS, help="last token's state (paper) or prompt mean")
-    ap.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD",
-                    help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
-    ap.add_argument("--max-tokens", type=int, help="cut each sentence to this many tokens (default: no cut)")
-    ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
-    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPUs)")
-    ap.add_argument("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears (bitsandbytes)")
-    ap.add_argument("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
+    common.embedder_flags(ap)
+    ap.set_defaults(template="eol", pooling="last")
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
     device = common.device(args.device)

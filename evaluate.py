@@ -17,33 +17,23 @@ import hashlib
 import importlib.util
 import json
 import pathlib
-import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
 
-from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, git_commit,
-                    parse_demonstrations)
+from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, embedder_flags,
+                    parse_demonstrations, provenance, writable)
 
 
 # ----------------------------------------------------------------------------- loading
-@dataclass
-class Pairs:  # sentence pairs with one gold value each (a 0-5 similarity, or MRPC's 0/1 label)
-    a: list
-    b: list
-    gold: np.ndarray
-    files: tuple = ()
-
-
-@dataclass
-class Labeled:  # single sentences with integer class labels
-    x: list
-    y: np.ndarray
-    files: tuple = ()
+# Sentence pairs with one gold value each (a 0-5 similarity, or MRPC's 0/1 label), and single sentences with integer
+# class labels (an np.ndarray each); `files` are the data files read.
+Pairs = namedtuple("Pairs", "a b gold files", defaults=[()])
+Labeled = namedtuple("Labeled", "x y files", defaults=[()])
 
 
 def _lines(path, encoding="utf-8"):
@@ -146,35 +136,32 @@ TRANSFER = ["mr", "cr", "subj", "mpqa", "sst2", "trec", "mrpc"]
 TITLES = dict(zip(STS + TRANSFER + ["stsb-dev"],
                   "STS12 STS13 STS14 STS15 STS16 STS-B SICK-R MR CR SUBJ MPQA SST-2 TREC MRPC".split() + ["STS-B dev"]))
 GROUPS = {"sts": STS, "transfer": TRANSFER, "all": STS + TRANSFER}
+SPLITS = {"stsb": (load_stsb, ["test"]), "stsb-dev": (load_stsb, ["dev"]), "sickr": (load_sick, ["test"]),
+          "sst2": (load_sst2, ["train", "dev", "test"]), "trec": (load_trec, ["train", "test"]),
+          "mrpc": (load_mrpc, ["train", "test"])}
 
 
-def parse_tasks(spec) -> list:
-    """'sts' | 'transfer' | 'all' | 'stsb-dev' | comma-separated names (or a list of them)."""
-    names = []
-    for item in spec.split(",") if isinstance(spec, str) else spec:
-        item = item.strip().lower()
-        for name in GROUPS.get(item, [item] if item else []):
-            if name not in TITLES:
-                raise UserError(f"unknown task {item!r}: choose sts, transfer, all, stsb-dev "
-                                f"or names from {','.join(STS + TRANSFER)}")
-            names += [name] if name not in names else []
-    if not names:
+def parse_tasks(spec: str) -> list:
+    """'sts' | 'transfer' | 'all' | 'stsb-dev' | comma-separated names -> task names, each once, in order."""
+    items = [item.strip().lower() for item in spec.split(",") if item.strip()]
+    for item in items:
+        if item not in GROUPS and item not in TITLES:
+            raise UserError(f"unknown task {item!r}: choose sts, transfer, all, stsb-dev "
+                            f"or names from {','.join(STS + TRANSFER)}")
+    if not items:
         raise UserError("no task given")
-    return names
+    return list(dict.fromkeys(name for item in items for name in GROUPS.get(item, [item])))
 
 
 def load_task(name, root) -> dict:
     """The splits a task is scored on -- nothing else is read or encoded."""
-    split = {"stsb": ("test", load_stsb), "stsb-dev": ("dev", load_stsb), "sickr": ("test", load_sick)}
     try:
         if name in STS_SUBSETS:
             return load_sts_year(root, name)
-        if name in split:
-            return {split[name][0]: split[name][1](root, split[name][0])}
         if name in BINARY:
             return {"all": load_binary(root, name)}
-        splits = ("train", "dev", "test") if name == "sst2" else ("train", "test")
-        return {s: {"sst2": load_sst2, "trec": load_trec, "mrpc": load_mrpc}[name](root, s) for s in splits}
+        load, splits = SPLITS[name]
+        return {s: load(root, s) for s in splits}
     except UserError:
         raise
     except (ValueError, IndexError) as e:  # a bad number or label: a damaged file
@@ -257,28 +244,25 @@ def _predict_path(xtr, ytr, xev, regs, seed=SEED):
         return [clf.set_params(C=c).fit(xtr, ytr).predict(xev) for c in regs]
 
 
-def _best(scores, regs):
-    # SentEval rounds accuracies to 0.01 % and np.argmax keeps the first (smallest) C on ties.
-    scores = np.round(100 * np.asarray(scores), 2)
-    i = int(np.argmax(scores))
-    return regs[i], float(scores[i]) / 100
-
-
-def _choose_c(x, y, regs, k, seed):
+def _choose_c(x, y, dev, k, seed):
+    """(C, its accuracy): on dev=(x, y) if given, else the mean over a stratified k-fold CV on (x, y). SentEval rounds
+    accuracies to 0.01 % and np.argmax keeps the first (smallest) C on ties."""
     from sklearn.model_selection import StratifiedKFold
-    folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)
-    accs = [[np.mean(p == y[te]) for p in _predict_path(x[tr], y[tr], x[te], regs, seed)] for tr, te in folds]
-    return _best(np.mean(accs, axis=0), regs)
+    if dev is None:
+        folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)
+        accs = [[np.mean(p == y[te]) for p in _predict_path(x[tr], y[tr], x[te], REGS, seed)] for tr, te in folds]
+    else:
+        accs = [[np.mean(p == dev[1]) for p in _predict_path(x, y, dev[0], REGS, seed)]]
+    accs = np.round(100 * np.mean(accs, axis=0), 2)
+    i = int(np.argmax(accs))
+    return REGS[i], float(accs[i]) / 100
 
 
 def probe(xtr, ytr, xte, yte, dev=None, k=10, seed=SEED) -> dict:
     """Accuracy on test of a logistic regression fit on train, with the C that scores best on dev=(x, y) (SST-2:
     SentEval's SplitClassifier) or, without dev, in a k-fold CV on train (TREC, MRPC: its KFoldClassifier)."""
     from sklearn.metrics import f1_score
-    if dev is None:
-        c, devacc = _choose_c(xtr, ytr, REGS, k, seed)
-    else:
-        c, devacc = _best([np.mean(p == dev[1]) for p in _predict_path(xtr, ytr, dev[0], REGS, seed)], REGS)
+    c, devacc = _choose_c(xtr, ytr, dev, k, seed)
     pred = _predict_path(xtr, ytr, xte, [c], seed)[0]
     out = {"acc": float(np.mean(pred == yte)), "devacc": devacc, "C": c, "ntrain": len(ytr), "ntest": len(yte)}
     return out | ({"f1": float(f1_score(yte, pred))} if dev is None and len(np.unique(ytr)) == 2 else {})
@@ -294,10 +278,11 @@ def inner_kfold(x, y, k=10, seed=SEED) -> dict:
             "C": [f["C"] for f in folds], "n": len(y)}
 
 
-def _senteval_order(*keys):
+def _senteval_order(*texts, label):
     # SentEval sorts samples (by token count, then label) before embedding them; with the same order, seed and
     # scikit-learn version, our stratified folds hold the same samples as its.
-    return sorted(range(len(keys[0])), key=lambda i: tuple(k[i] for k in keys))
+    keys = [[len(s.split()) for s in t] for t in texts] + [label]
+    return sorted(range(len(label)), key=lambda i: tuple(k[i] for k in keys))
 
 
 def pair_features(u, v):
@@ -306,21 +291,19 @@ def pair_features(u, v):
 
 
 def score_transfer(name, splits, emb, kfold=10) -> dict:
-    ntok = lambda sents: [len(s.split()) for s in sents]  # noqa: E731
+    tr, te = splits.get("train"), splits.get("test")
     if name in BINARY:
         d = splits["all"]
-        order = _senteval_order(ntok(d.x), d.y)
+        order = _senteval_order(d.x, label=d.y)
         out = inner_kfold(emb([d.x[i] for i in order]), d.y[order], kfold)
     elif name == "sst2":
-        tr, dev, te = splits["train"], splits["dev"], splits["test"]
+        dev = splits["dev"]
         out = probe(emb(tr.x), tr.y, emb(te.x), te.y, dev=(emb(dev.x), dev.y))
     elif name == "trec":
-        tr, te = splits["train"], splits["test"]
-        order = _senteval_order(ntok(tr.x), tr.y)
+        order = _senteval_order(tr.x, label=tr.y)
         out = probe(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, k=kfold)
     else:  # MRPC
-        tr, te = splits["train"], splits["test"]
-        order = _senteval_order(ntok(tr.a), ntok(tr.b), tr.gold)
+        order = _senteval_order(tr.a, tr.b, label=tr.gold)
         xtr = pair_features(emb([tr.a[i] for i in order]), emb([tr.b[i] for i in order]))
         out = probe(xtr, tr.gold[order], pair_features(emb(te.a), emb(te.b)), te.gold, k=kfold)
     return {"score": out["acc"], **out}
@@ -331,7 +314,7 @@ def evaluate(encoder, loaded, kfold=10, progress=True) -> dict:
     """{task: result} for {task: splits} from load_task; each result has "score" (Spearman or accuracy, a fraction).
     Every sentence of every task is encoded once."""
     data = [d for splits in loaded.values() for d in splits.values()]
-    sents = [s for d in data for s in (d.a + d.b if isinstance(d, Pairs) else d.x)]
+    sents = [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)]
     emb = embed_all(encoder, sents, progress)
     return {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
 
@@ -368,48 +351,20 @@ def build_encoder(args, model):
     demos = parse_demonstrations(args.demonstration)
     kwargs = dict(model=model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
                   batch_size=args.batch_size, device=device(args.device), dtype=args.dtype, bits=args.bits,
-                  adapter=args.adapter, **({} if demos is None else {"demonstrations": demos}))
-    try:  # model.py and embed.py report a bad model, adapter or option as ValueError
-        emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})
-    except ValueError as e:
-        raise UserError(str(e)) from None
+                  adapter=args.adapter, demonstrations=demos)  # None: embed.py's default
+    emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})
     return emb, n_params(emb.model)
 
 
-def check_output(flag, path):
-    """Fail before any work if `path` cannot be written: a folder, a missing folder, no permission."""
-    path = pathlib.Path(path)
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"{flag} {path}: " + ("a folder, not a file" if path.is_dir() else f"no folder {path.parent}"))
-    existed = path.exists()
-    try:
-        path.open("a").close()
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
-    if not existed:
-        path.unlink()
-    return path
+LLM_FLAGS = ["model", "template", "pooling", "demonstration", "adapter", "bits", "dtype", "max_tokens"]
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", help="one or more model aliases or paths, evaluated in turn, each with its "
-                   "own default demonstration (default: smollm2-135m)")
-    p.add_argument("--template", choices=["eol", "prompt", "none"],
-                   help="PromptEOL, PromptBERT-style (no 'in one word'), or the bare sentence (default: eol)")
-    p.add_argument("--pooling", choices=["last", "mean"], help="last token (default) or mean over the sentence")
-    p.add_argument("--demonstration", action="append", metavar="SENTENCE=>WORD", help="in-context demonstration "
-                   "before the template; repeat for several; 'none' for none (default: the model's own)")
-    p.add_argument("--adapter", help="LoRA adapter directory (from train_cse.py)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: embed.py's)")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base model quantized to 4 or 8 bits")
-    p.add_argument("--max-tokens", type=int, help="cut sentences to this many tokens (default: no cut, as the paper)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
-    p.add_argument("--tasks", default="sts", help="sts | transfer | all | stsb-dev | comma-separated names from "
-                   + ",".join(STS + TRANSFER) + " (default: sts)")
-    p.add_argument("--kfold", type=int, default=10, help="folds of the transfer cross-validations "
-                   "(default 10 as SimCSE/PromptEOL; 5 is SentEval's default and ~3x faster)")
+    p.add_argument("--model", nargs="+", help="model aliases or paths, evaluated in turn (default: smollm2-135m)")
+    embedder_flags(p)
+    p.add_argument("--tasks", default="sts", help="sts (default), transfer, all, or names: " + ",".join(TITLES))
+    p.add_argument("--kfold", type=int, default=10, help="transfer CV folds (default 10, the paper's; SentEval's is 5)")
     p.add_argument("--data-dir", help="data folder with sts/ and transfer/ (default: $SENTEMB_DATA, else ./data)")
     p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json; creates runs/ if missing)")
     p.add_argument("--plot", metavar="PNG", help="also draw average STS against parameter count, with the paper's")
@@ -424,11 +379,8 @@ def main(argv=None, kept=None) -> int:
     names, _ = parse_tasks(args.tasks), parse_demonstrations(args.demonstration)  # cheap checks first
     if args.kfold < 2 or args.batch_size < 1 or (args.max_tokens or 1) < 1:
         raise UserError("--kfold must be at least 2, --batch-size and --max-tokens at least 1")
-    llm_only = [args.model, args.template, args.pooling, args.demonstration, args.adapter, args.bits, args.dtype,
-                args.max_tokens]
-    if args.encoder and any(v is not None for v in llm_only):
-        raise UserError("--encoder takes none of --model/--template/--pooling/--demonstration/--adapter/--bits/"
-                        "--dtype/--max-tokens")
+    if args.encoder and any(getattr(args, f) is not None for f in LLM_FLAGS):
+        raise UserError("--encoder takes none of " + "/".join("--" + f.replace("_", "-") for f in LLM_FLAGS))
     if args.encoder and not (pathlib.Path(args.encoder) / "modules.json").is_file():
         raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
     if args.encoder and importlib.util.find_spec("sentence_transformers") is None:
@@ -439,8 +391,8 @@ def main(argv=None, kept=None) -> int:
         raise UserError("--plot draws the average of the seven STS tasks: run it with --tasks sts or all")
     if args.output is None:
         (REPO / "runs").mkdir(exist_ok=True)
-    out = check_output("--output", args.output or REPO / "runs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    plot = args.plot and check_output("--plot", args.plot)
+    out = writable("--output", args.output or REPO / "runs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    plot = args.plot and writable("--plot", args.plot)
     device(args.device)
     root = data_dir(args.data_dir)
     loaded = {n: load_task(n, root) for n in names}  # data errors surface before a model loads
@@ -458,27 +410,18 @@ def main(argv=None, kept=None) -> int:
                      "sentences_encoded": cached.n_encoded})
         del encoder, cached  # this model's memory is free before the next one loads
     print(tables([(r["model"], r["tasks"]) for r in rows]))
-    import scipy
-    import sklearn
     files = sorted({f for splits in loaded.values() for d in splits.values() for f in d.files})
-    record = {
-        "protocol": f"evaluate.py's docstring; transfer kfold={args.kfold}, seed={SEED}, C in 4^-7..4^1",
-        "data_dir": str(root),
-        "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
-        "git_commit": git_commit(), "command": sys.argv if argv is None else ["evaluate.py", *argv],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-                     "scikit-learn": sklearn.__version__, "torch": getattr(sys.modules.get("torch"), "__version__")},
-    }
+    record = {"protocol": f"evaluate.py's docstring; transfer kfold={args.kfold}, seed={SEED}, C in 4^-7..4^1",
+              "data_dir": str(root),
+              "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+              **provenance("evaluate.py", argv, started)}
     record = {**rows[0], **record} if len(rows) == 1 else {"rows": rows, **record}  # one model: one flat record
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({record['wall_seconds']} s)")
     if plot:
         sys.path.insert(0, str(REPO / "docs"))
         import figures
-        avg = lambda r: float(np.mean([r["summary_x100"][TITLES[n]] for n in STS]))  # noqa: E731
-        figures.scaling([{"model": r["model"], "params": r["params"], "avg": avg(r)} for r in rows], plot)
+        figures.scaling([{**r, "avg": figures.sts_avg(r)} for r in rows], plot)
         print(f"wrote {plot}")
     return 0
 

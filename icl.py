@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import evaluate as ev
-from common import CachedEncoder, UserError, atomic, cli, data_dir, device, git_commit, parse_demonstrations
+from common import CachedEncoder, UserError, atomic, cli, data_dir, device, parse_demonstrations, provenance
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"   # embed.py's defaults
 KEPT = "no output written; a search re-run resumes from the embedding cache"        # what Ctrl-C leaves
@@ -254,22 +254,22 @@ def cmd_search(args):
         raise UserError("--write-default needs the full dev set: drop --dev-pairs")
     files = args.candidates or [data_dir(args.data_dir, need="icl") / "icl" / "icl_examples.txt"]
     candidates = read_candidates(files) if args.candidates else paper_candidates(args.data_dir)
-    base, started = None if args.dry_run else load_embedder(args), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    base, started = None if args.dry_run else load_embedder(args), time.time()
     res = search(base, candidates, args.data_dir, args.start_pairs, args.eta, args.rounds, args.seed, args.dev_pairs,
                  args.max_k, args.cache_dir, disk=not args.no_cache, progress=True)
     if base is None:
         return
     out = Path(args.output or f"runs/icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "model": args.model, "encoder": base.fingerprint, "started": started, "command": ["icl.py", *args.argv],
-        "git_commit": git_commit(), "candidates": [str(p) for p in files], **res}, indent=1, ensure_ascii=False) + "\n")
+    record = {"model": args.model, "encoder": base.fingerprint, **provenance("icl.py", args.argv, started),
+              "candidates": [str(p) for p in files], **res}
+    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     w, ks = res["winner"], "".join(f"; best {m['k']}: {100 * m['spearman']:.2f}" for m in res["k_greater_than_1"])
     print(f"winner ({w['source']}): {w['sentence']!r} -> {w['word']}: {100 * w['spearman']:.2f}; "
           f"no demonstration: {100 * res['no_demonstration']:.2f}{ks} -> {out}")
     if args.write_default:
         write_default(args.model, {
-            "sentence": w["sentence"], "word": w["word"], "source": w["source"], "date": started[:10],
+            "sentence": w["sentence"], "word": w["word"], "source": w["source"], "date": record["started"][:10],
             "dev_spearman": round(w["spearman"], 4), "no_demonstration_dev_spearman": round(res["no_demonstration"], 4),
             "candidates": dict(Counter(c["source"] for c in candidates)), "results": str(out)})
         print(f"wrote the {args.model} default to {DEFAULTS_FILE} (embed.py's default from now on)")

@@ -16,7 +16,9 @@ sys.path.insert(0, str(ROOT))
 from common import UserError, cli  # noqa: E402
 
 STS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R"]
-METHOD = {"eol": "PromptEOL", "prompt": "PromptBERT-style", "mean": "mean pooling", "last": "last token"}
+TEMPLATE = {"eol": "PromptEOL", "prompt": "PromptBERT-style"}
+# A record's encoder names its template and pooling; older records name both in one "method".
+METHOD = {"eol": ("eol", "last"), "prompt": ("prompt", "last"), "mean": ("none", "mean"), "last": ("none", "last")}
 SOURCE_COLOR = {"paper": "tab:blue", "wordnet": "tab:green", "self": "tab:orange"}
 
 # Nominal parameter counts (the models' names).
@@ -45,14 +47,21 @@ def sts_avg(record):
 
 
 def label(name, record):
-    """A readable name for the encoder of a record: method, demonstration, adapter, precision."""
+    """A readable name for the encoder of a record: template, pooling, demonstration, adapter, precision."""
     enc = record.get("encoder", {})
-    if "method" not in enc:
+    if "method" in enc:
+        template, pooling = METHOD[enc["method"]]
+    elif "pooling" in enc:   # the template as text: PromptEOL ends "in one word", PromptBERT-style "means"
+        t = enc["template"]
+        template, pooling = "eol" if "in one word" in t else "prompt" if "means" in t else "none", enc["pooling"]
+    else:
         return name   # an outside encoder (sentence-transformers): its file name says what it is
     demos = enc.get("demonstrations") or []
-    parts = [enc.get("model", "?"), METHOD.get(enc["method"], enc["method"])]
-    if enc["method"] in ("eol", "prompt"):
-        parts.append(" + ".join(f'"{w}" demo' for _, w in demos) if demos else "no demo")
+    parts = [enc.get("model", "?")]
+    if template in TEMPLATE:
+        parts += [TEMPLATE[template], " + ".join(f'"{w}" demo' for _, w in demos) if demos else "no demo"]
+    if pooling == "mean" or template == "none":
+        parts.append("mean pooling" if pooling == "mean" else "last token")
     parts += ["adapter"] * bool(enc.get("adapter")) + [f"{enc['bits']}-bit"] * bool(enc.get("bits"))
     parts += ["bf16"] * ("bfloat16" in str(enc.get("dtype")))
     return ", ".join(parts)

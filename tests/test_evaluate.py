@@ -211,8 +211,11 @@ def test_transfer_on_noise_is_near_chance():
     assert 0.3 < ev.inner_kfold(x, y, k=2)["acc"] < 0.7
 
 
-def test_c_selection_breaks_ties_towards_the_smallest_c_like_senteval():
-    assert ev._best([0.5, 0.50001, 0.4], [1, 2, 4]) == (1, 0.5)
+def test_c_selection_breaks_ties_towards_the_smallest_c_like_senteval(monkeypatch):
+    y = np.zeros(100_000, int)
+    hits = [50_000, 50_001, 40_000] + [0] * (len(ev.REGS) - 3)  # dev accuracies 0.5, 0.50001 (equal at 0.01 %), 0.4
+    monkeypatch.setattr(ev, "_predict_path", lambda *a: [np.where(np.arange(len(y)) < h, 0, 1) for h in hits])
+    assert ev._choose_c(None, None, (None, y), k=2, seed=0) == (ev.REGS[0], 0.5)
 
 
 def test_mrpc_features_are_u_v_absdiff_product_in_senteval_order():
@@ -225,7 +228,7 @@ def test_mrpc_features_are_u_v_absdiff_product_in_senteval_order():
     table = {"x y": [1.0, 0.0], "z": [0.0, 1.0], "q": [0.5, 0.5]}
     out = ev.score_transfer("mrpc", pairs, lambda s: np.array([table[t] for t in s], np.float32), kfold=2)
     assert out["acc"] == 1.0 and out["score"] == 1.0 and out["ntrain"] == 40
-    assert ev._senteval_order([2, 1, 1], [0, 1, 0]) == [2, 1, 0]
+    assert ev._senteval_order(["a b", "a", "b"], label=[0, 1, 0]) == [2, 1, 0]
 
 
 # ---------------------------------------------------------------- errors and the CLI
@@ -283,15 +286,16 @@ def test_cli_user_errors_are_one_line_and_exit_1(tmp_path, capsys):
 def test_output_and_plot_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_task", lambda *a: pytest.fail("data read before the output was checked"))
     base = ["--data-dir", FIX, "--tasks", "sts"]
-    assert run([*base, "--output", tmp_path], capsys)[2] == f"sentemb: error: --output {tmp_path}: a folder, not a file\n"
+    assert run([*base, "--output", tmp_path], capsys)[2] == f"sentemb: error: --output {tmp_path}: is a directory\n"
     missing = tmp_path / "new" / "r.json"
-    assert run([*base, "--output", missing], capsys)[2] == f"sentemb: error: --output {missing}: no folder {missing.parent}\n"
+    err = run([*base, "--output", missing], capsys)[2]
+    assert err == f"sentemb: error: --output {missing}: its folder does not exist\n"
     assert not missing.parent.exists()  # never created silently
     if os.path.isdir("/proc/self"):  # unwritable even for root
         err = run([*base, "--output", "/proc/self/r.json"], capsys)[2]
         assert err.startswith("sentemb: error: --output /proc/self/r.json: cannot write there (") and err.count("\n") == 1
     err = run([*base, "--output", tmp_path / "r.json", "--plot", missing], capsys)[2]
-    assert err == f"sentemb: error: --plot {missing}: no folder {missing.parent}\n"
+    assert err == f"sentemb: error: --plot {missing}: its folder does not exist\n"
     assert list(tmp_path.iterdir()) == []  # the probe of a writable --output leaves nothing behind
 
 
@@ -343,7 +347,7 @@ def test_ctrl_c_says_what_was_cached(tmp_path, capsys, monkeypatch):
 def test_cli_end_to_end_on_the_fixtures_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would fail: only --plot may
     monkeypatch.setattr(ev, "build_encoder", lambda args, model: (HashEncoder(), 10))
-    monkeypatch.setattr(ev, "git_commit", lambda: "0" * 40)
+    monkeypatch.setattr(common, "git_commit", lambda: "0" * 40)
     monkeypatch.setenv("SENTEMB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "r.json"
     rc, text, _ = run(["--data-dir", FIX, "--tasks", "sts,stsb-dev", "--output", out], capsys)

@@ -53,6 +53,17 @@ def test_labels_name_method_demonstration_adapter_and_precision():
     assert figures.label("outside-encoder", RECORDS["outside-encoder"]) == "outside-encoder"
 
 
+def test_labels_read_embed_py_s_template_and_pooling_as_well_as_the_older_method():
+    from embed import TEMPLATES
+    enc = {k: v for k, v in ENCODER.items() if k != "method"}
+    label = lambda t, pooling, **kw: figures.label("x", {"encoder": {**enc, "template": TEMPLATES[t],  # noqa: E731
+                                                                      "pooling": pooling, **kw}})
+    assert label("eol", "last") == figures.label("sts-tiny", RECORDS["sts-tiny"]) == 'tiny, PromptEOL, "Windpipe" demo'
+    assert label("none", "mean", demonstrations=[]) == "tiny, mean pooling"
+    assert label("none", "last", demonstrations=[]) == "tiny, last token"
+    assert label("prompt", "mean", demonstrations=[]) == "tiny, PromptBERT-style, no demo, mean pooling"
+
+
 def test_sts_per_task(tmp_path):
     figures.sts_per_task(RECORDS, tmp_path / "sts.png")
     assert_png(tmp_path / "sts.png")
