@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import corpus
 import model as M
+import common
 from common import content_id, files_id, parse_demonstrations
 
 # The sentence goes where {sentence} is; the template and the pooling are separate choices.
@@ -200,6 +202,10 @@ class Embedder:
             out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
         return out
 
+    def encode_file(self, input_path, output_path, normalize: bool = False, progress: bool = False) -> dict:
+        """Each line of a text file (.gz too) -> a row of a .npy, .jsonl or .safetensors file: see corpus.py."""
+        return corpus.embed_file(self, input_path, output_path, normalize=normalize, progress=progress)
+
 
 # ---------------------------------------------------------------------- CLI
 def read_lines(path: str | None) -> list[str]:
@@ -274,14 +280,18 @@ def main(argv=None):
     ap.add_argument("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
+    stream = bool(args.input and args.output and not args.sentences)   # a corpus of any size: corpus.py
     try:
         demos = parse_demonstrations(args.demonstration)
         demos = "default" if demos is None else demos
         M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
-        sentences = args.sentences or read_lines(args.input)
+        sentences = args.sentences or ([] if stream else read_lines(args.input))
         check_output(args.output)
+        device = corpus.setup(args) if stream else args.device
         emb = Embedder(args.model, args.template, args.pooling, demos, args.max_tokens, args.batch_size,
-                       args.device, args.dtype, args.bits, args.adapter)
+                       device, args.dtype, args.bits, args.adapter)
+        if stream:
+            return corpus.run(emb, args)
         vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
         if args.output:
             write_output(args.output, sentences, vecs)
@@ -303,4 +313,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.cli(main, interrupted=lambda: corpus.kept or "nothing was written"))
