@@ -46,7 +46,7 @@ def corpus_gz(tmp_path):
 def test_npy_equals_encode_and_leaves_nothing_else(emb, corpus_gz, tmp_path):
     out = tmp_path / "emb.npy"
     st = C.embed_file(emb, corpus_gz, out, chunk=8)
-    assert st == {"rows": len(LINES), "embedded": len(LINES)}
+    assert st["rows"] == st["embedded"] == len(LINES)
     np.testing.assert_allclose(np.load(out), emb.encode(LINES), atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt.gz", "emb.npy"]
 
@@ -80,7 +80,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(emb, corpus_gz, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         C.embed_file(emb, corpus_gz, out, chunk=8)
     assert C.kept == f"16 of {len(LINES)} rows done; re-run the command to resume"
-    assert not out.exists() and json.loads((tmp_path / "emb.npy.progress.0.json").read_text())["done"] == 2
+    record, = tmp_path.glob("emb.npy.*.progress.0.json")
+    assert not out.exists() and json.loads(record.read_text())["done"] == 2
     calls = interrupt_after(emb, monkeypatch, 99)
     assert C.embed_file(emb, corpus_gz, out, chunk=8)["embedded"] == len(LINES) - 16
     assert calls == [8, 8, 8]                                 # chunks 2, 3 and 4 only
@@ -95,7 +96,7 @@ def test_another_command_starts_afresh(emb, corpus_gz, tmp_path, monkeypatch, ca
         C.embed_file(emb, corpus_gz, out, chunk=8)
     calls = interrupt_after(emb, monkeypatch, 99)
     C.embed_file(emb, corpus_gz, out, normalize=True, chunk=8)
-    assert "emb.npy.partial is another command's" in capsys.readouterr().err and len(calls) == 5
+    assert "emb.npy: the partial run there is another command's" in capsys.readouterr().err and len(calls) == 5
     np.testing.assert_allclose(np.load(out), emb.encode(LINES, normalize=True), atol=1e-5, rtol=0)
 
 
@@ -104,12 +105,13 @@ def test_user_errors(emb, tmp_path):
     bad.write_bytes(b"ok\nok\ncaf\xe9\n")
     (tmp_path / "empty.txt").write_text("")
     for args, message in [((tmp_path / "none.txt", tmp_path / "e.npy"), "cannot read"),
-                          ((tmp_path / "empty.txt", tmp_path / "e.npy"), "empty.txt is empty: nothing to embed"),
                           ((bad, tmp_path / "e.npy"), "latin1.txt line 3 is not UTF-8: convert it"),
                           ((bad, tmp_path / "no" / "e.npy"), "in an existing folder"),
                           ((bad, tmp_path / "e.csv"), "name a .npy, .jsonl or .safetensors file")]:
         with pytest.raises(UserError, match=message):
             C.embed_file(emb, *args, chunk=2)
+    assert C.embed_file(emb, tmp_path / "empty.txt", tmp_path / "e.npy")["rows"] == 0
+    assert np.load(tmp_path / "e.npy").shape == (0, 64)
 
 
 def test_cli(tiny, corpus_gz, tmp_path, capsys):
