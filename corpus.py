@@ -165,5 +165,5 @@ def run(emb, args):
         emb.device = emb.model.embeddings().weight.device
     st = embed_file(emb, args.input, args.output, normalize=args.normalize, progress=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{st['rows']} rows in {args.output}: {st['embedded']} embedded in {st['seconds']:.1f} s, "
-              f"{st['embedded'] / st['seconds']:.1f} sentences/s", file=sys.stderr)
+        print(f"{st['rows']} sentences, {st['embedded']} embedded by this run in {st['seconds']:.1f} s, "
+              f"{st['embedded'] / st['seconds']:.1f} sentences/s -> {args.output}", file=sys.stderr)

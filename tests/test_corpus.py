@@ -1,5 +1,5 @@
-"""corpus.py: a streamed file equals Embedder.encode, resume after an interruption, 2 gloo processes equal one,
-the GPU placement plan, and a placed model equals the unplaced one."""
+"""corpus.py: a streamed file equals Embedder.encode; resume after an interruption; 2 gloo processes (spawned, and
+under torchrun) equal one; the GPU placement plan; a placed model equals the unplaced one."""
 import gzip
 import json
 
@@ -118,8 +118,23 @@ def test_cli(tiny, corpus_gz, tmp_path, capsys):
     out = tmp_path / "emb.npy"
     assert E.main(["--model", tiny, "--demonstration", "none", "--input", str(corpus_gz), "--output", str(out)]) is None
     err = capsys.readouterr().err
-    assert f"{len(LINES)} rows in {out}: {len(LINES)} embedded in" in err and "sentences/s" in err
+    assert f"{len(LINES)} sentences, {len(LINES)} embedded by this run in" in err and f"sentences/s -> {out}" in err
     assert np.load(out).shape == (len(LINES), 64)
+
+
+def test_torchrun_cli_equals_one_process(tiny, corpus_gz, tmp_path):
+    """Under torchrun (gloo, CPU) with one chunk for two ranks: rank 1 has nothing to do and waits for rank 0."""
+    import os
+    import subprocess
+    import sys
+    flags = ["--model", tiny, "--demonstration", "none", "--input", str(corpus_gz), "--output", str(tmp_path / "two.npy")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(C.Path(E.__file__)), *flags], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("sentences/s ->") == 1                       # rank 0 says it
+    want = E.Embedder(tiny, demonstrations=[]).encode(LINES)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), want, atol=1e-5, rtol=0)
 
 
 def _worker(rank, tiny, init, src, out):
@@ -170,7 +185,6 @@ def test_a_placed_model_equals_the_unplaced_one(tiny):
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu", "cpu"]
     emb = E.Embedder(tiny, demonstrations=[("A jockey riding a horse.", "Equestrian")], batch_size=4)
     want = emb.encode(LINES)
-    C.place(emb.model, [torch.device(d) for d in devices])
-    emb._past = None
+    C.place(emb.model, [torch.device(d) for d in devices])          # the cached prefix moves with the hooks
     assert {str(p.device.type) for p in emb.model.model.layers[1].parameters()} == {devices[1]}
     np.testing.assert_allclose(emb.encode(LINES), want, atol=1e-5, rtol=0)
