@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import convert_gguf  # noqa: E402
+import corpus  # noqa: E402
 import model as M  # noqa: E402
 
 WORDS = ("a man woman child dog cat plays reads eats runs under over the park guitar street house quickly slowly "
@@ -49,22 +51,26 @@ def write_corpus(path: Path, n: int):
     path.write_text("".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) + ".\n" for _ in range(n)))
 
 
-def embed(model, src, out, procs=1, kill_after=None):
-    """-> (seconds, peak RSS in MB of the largest process) of one run, killed with SIGKILL after kill_after s."""
+def embed(model, src, out, procs=1, kill_at=None):
+    """-> (seconds, peak RSS in MB of the largest process, the sentences/s it reports) of one run; with kill_at, a
+    SIGKILL once its progress record counts kill_at chunks done."""
     cmd = ["--model", model, "--demonstration", "none", "--input", str(src), "--output", str(out)]
-    run = [sys.executable, str(ROOT / "embed.py")] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", str(ROOT / "embed.py")]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else []
+    run = [sys.executable, *torchrun, str(ROOT / "embed.py")]
     t0 = time.perf_counter()
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")   # spinning OpenMP threads on a shared CPU swing timings 5x
     p = subprocess.Popen(run + cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    if kill_after is not None:
-        time.sleep(kill_after)
+    while kill_at is not None and not any(json.loads(r.read_text() or "{}").get("done", 0) >= kill_at
+                                          for r in out.parent.glob(out.name + ".*.progress.0.json")):
+        time.sleep(0.05)
+    if kill_at is not None:
         os.killpg(p.pid, signal.SIGKILL)
     _, status, usage = os.wait4(p.pid, 0)
     err = p.stderr.read().decode()
-    if kill_after is None and status != 0:
+    if kill_at is None and status != 0:
         sys.exit(f"embed.py failed:\n{err[-2000:]}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    rate = re.search(r"([\d.]+) sentences/s ->", err)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, float(rate.group(1)) if rate else None
 
 
 def main():
@@ -83,15 +89,16 @@ def main():
         print(f"peak RSS: {rss[args.small]:.0f} MB at {args.small} lines, {rss[args.large]:.0f} MB at {args.large} "
               f"lines: ratio {rss[args.large] / rss[args.small]:.3f}")
         src = tmp / f"{args.speed}.txt"
-        t1, _ = embed(model, src, tmp / "one.npy")
-        t2, _ = embed(model, src, tmp / "two.npy", procs=2)
-        print(f"{args.speed} lines, wall time with start-up: 1 process {t1:.1f} s ({args.speed / t1:.0f} sentences/s), "
-              f"2 processes {t2:.1f} s ({args.speed / t2:.0f} sentences/s): speed-up {t1 / t2:.2f}")
-        killed, _ = embed(model, src, tmp / "killed.npy", kill_after=t1 / 2)
-        resumed, _ = embed(model, src, tmp / "killed.npy")
+        (t1, _, r1), (t2, _, r2) = embed(model, src, tmp / "one.npy"), embed(model, src, tmp / "two.npy", procs=2)
+        print(f"{args.speed} lines: 1 process {t1:.1f} s with start-up, {r1:.0f} sentences/s after it; 2 processes "
+              f"{t2:.1f} s, {r2:.0f} sentences/s: speed-up {t1 / t2:.2f} ({r2 / r1:.2f} after start-up)")
+        chunks = -(-args.speed // corpus.CHUNK)
+        killed, *_ = embed(model, src, tmp / "killed.npy", kill_at=chunks // 2)
+        resumed, *_ = embed(model, src, tmp / "killed.npy")
         diff = np.abs(np.load(tmp / "killed.npy") - np.load(tmp / "one.npy")).max()
-        print(f"kill -9 at {killed:.1f} s, then resumed in {resumed:.1f} s: {killed + resumed - t1:+.1f} s "
-              f"({(killed + resumed) / t1 - 1:+.0%}) against one uninterrupted run; max abs diff {diff:.1e}")
+        print(f"kill -9 after {chunks // 2} of {chunks} chunks ({killed:.1f} s), resumed in {resumed:.1f} s: "
+              f"{killed + resumed - t1:+.1f} s ({(killed + resumed) / t1 - 1:+.0%}) against one uninterrupted run; "
+              f"max abs diff {diff:.1e}")
 
 
 if __name__ == "__main__":
