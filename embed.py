@@ -24,6 +24,7 @@ import torch
 from common import UserError, atomic, fingerprint, parse_demonstrations
 from tqdm import tqdm
 
+import corpus
 import model as M
 
 # The sentence goes where {sentence} is; the template and the pooling are separate choices.
@@ -185,6 +186,10 @@ class Embedder:
             out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
         return out
 
+    def encode_file(self, input_path, output_path, normalize: bool = False, progress: bool = False) -> dict:
+        """Each line of a text file (.gz too) -> a row of a .npy, .jsonl or .safetensors file: see corpus.py."""
+        return corpus.embed_file(self, input_path, output_path, normalize=normalize, progress=progress)
+
 
 # ---------------------------------------------------------------------- CLI
 def read_lines(path: str | None) -> list[str]:
@@ -239,15 +244,18 @@ def main(argv=None):
     ap.set_defaults(template="eol", pooling="last")
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
-    device = common.device(args.device)
+    stream = bool(args.input and args.output and not args.sentences)   # a corpus of any size: corpus.py
+    device = corpus.setup(args) if stream else common.device(args.device)
     M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
     if not (args.sentences or args.input) and sys.stdin.isatty():
         raise UserError("no input: pass sentences as arguments, --input FILE, or pipe them on stdin")
     check_output(args.output, quick=bool(args.sentences))
-    sentences = args.sentences or read_lines(args.input)
     emb = Embedder(args.model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
                    demonstrations=parse_demonstrations(args.demonstration), batch_size=args.batch_size,
                    device=device, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
+    if stream:
+        return corpus.run(emb, args)
+    sentences = args.sentences or read_lines(args.input)
     vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
     if args.output:
         write_output(args.output, sentences, vecs)
@@ -262,5 +270,7 @@ def main(argv=None):
           + (f", {empty} empty lines kept as rows" if empty else "")
           + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
 
+
 if __name__ == "__main__":
-    sys.exit(common.cli(main, interrupted="nothing was written (an existing --output file is untouched)"))
+    kept = "nothing was written (an existing --output file is untouched)"
+    sys.exit(common.cli(main, interrupted=lambda: corpus.kept or kept))
