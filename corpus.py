@@ -78,7 +78,7 @@ def read_chunks(path: Path, chunk: int):
                 text = data.decode("utf-8-sig" if i == 0 else "utf-8")
                 yield i, [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
     except (OSError, EOFError) as e:  # EOFError: a cut-off .gz
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     except UnicodeDecodeError as e:
         k = i * chunk + data[:e.start].count(b"\n") + 1
         raise UserError(f"{path} line {k} is not UTF-8: convert it, e.g. iconv -f latin1 -t utf-8") from None
@@ -111,6 +111,8 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     if out.suffix not in (".npy", ".jsonl", ".safetensors") or not out.parent.is_dir():
         raise UserError(f"--output {out}: name a .npy, .jsonl or .safetensors file in an existing folder")
     n = sum(len(lines) for _, lines in read_chunks(src, chunk))   # a first pass counts the lines and checks them
+    if n == 0:
+        raise UserError(f"{src} is empty: nothing to embed")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = {"input": [str(src.resolve()), src.stat().st_size, src.stat().st_mtime_ns], "rows": n,
              "embedder": emb.fingerprint, "normalize": normalize, "chunk": chunk, "world": world}
@@ -129,14 +131,15 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     done = first = json.loads(record.read_text())["done"] if record.exists() else 0
     mine = range(rank, -(-n // chunk), world)
     sizes = [min(chunk, n - i * chunk) for i in mine]
-    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", disable=not progress or rank > 0) as bar:
+    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", delay=1,
+              disable=not progress or rank > 0) as bar:
         for i, lines in read_chunks(src, chunk):
             if i not in mine[first:]:
                 continue
             kept = (f"{sum(sizes[:done])} of {sum(sizes)} rows{' of rank %d' % rank if world > 1 else ''} done; "
                     "re-run the command to resume")
             rows = np.load(partial, mmap_mode="r+")   # mapped anew per chunk: written pages leave this process's memory
-            rows[i * chunk: i * chunk + len(lines)] = emb.encode(lines, normalize=normalize)
+            rows[i * chunk: i * chunk + len(lines)] = emb.encode(lines, normalize=normalize, first=i * chunk + 1)
             rows.flush()
             with atomic(record) as tmp:
                 tmp.write_text(json.dumps(dict(state, done=done + 1), default=str))
@@ -166,4 +169,5 @@ def run(emb, args):
     st = embed_file(emb, args.input, args.output, normalize=args.normalize, progress=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{st['rows']} sentences, {st['embedded']} embedded by this run in {st['seconds']:.1f} s, "
-              f"{st['embedded'] / st['seconds']:.1f} sentences/s -> {args.output}", file=sys.stderr)
+              f"{st['embedded'] / st['seconds']:.1f} sentences/s in {str(emb.dtype).removeprefix('torch.')} "
+              f"-> {args.output}", file=sys.stderr)

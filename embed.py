@@ -131,14 +131,15 @@ class Embedder:
     def prompt(self, sentence: str) -> tuple[str, bool]:
         return render(self.tok, sentence, self.template, self.demo_text, self.max_tokens)
 
-    def tokenize(self, sentences):
-        """-> [(prompt ids after the cached prefix, or all ids if it doesn't match; uses the prefix)]."""
+    def tokenize(self, sentences, first=1):
+        """-> [(prompt ids after the cached prefix, or all ids if it doesn't match; uses the prefix)].
+        Errors name lines counting from `first`."""
         if isinstance(sentences, str):
             raise UserError("encode takes a list of sentences, not one string")
         out, empty, P, limit = [], [], len(self.prefix_ids), self.model.config.max_position_embeddings
-        for n, s in enumerate(sentences, 1):
+        for n, s in enumerate(sentences, first):
             if not isinstance(s, str):
-                raise UserError(f"encode takes strings: sentences[{n - 1}] is of type {type(s).__name__}")
+                raise UserError(f"encode takes strings: sentences[{n - first}] is of type {type(s).__name__}")
             text, cut = self.prompt(s)
             self.stats["truncated"] += cut
             ids = self.tok.encode(text)
@@ -164,9 +165,9 @@ class Embedder:
         return out
 
     @torch.inference_mode()
-    def encode(self, sentences, normalize: bool = False, progress: bool = False) -> np.ndarray:
+    def encode(self, sentences, normalize: bool = False, progress: bool = False, first: int = 1) -> np.ndarray:
         t0 = time.perf_counter()
-        items = self.tokenize(sentences)
+        items = self.tokenize(sentences, first)
         out = np.zeros((len(items), self.model.embeddings().embedding_dim), dtype=np.float32)
         if self._past is None and self.prefix_ids:   # the shared prefix runs once; its key/value cache is kept
             _, self._past = self.model(torch.tensor([self.prefix_ids], device=self.device), use_cache=True)

@@ -209,7 +209,7 @@ def test_cli_outputs_and_summary(tiny, tmp_path, capsys):
         code, _, err = run_inprocess(["--model", tiny, "--dtype", "float32", "--input", str(inp),
                                       "--output", str(tmp_path / f"o.{ext}")], capsys)
         assert code == 0, err
-        assert "3 sentences" in err and "sentences/s in float32" in err and "1 empty lines kept as rows" in err
+        assert "3 sentences" in err and "sentences/s in float32" in err and f"-> {tmp_path}/o.{ext}" in err
     assert np.load(tmp_path / "o.npy").shape[0] == 3
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["sentence"] for r in rows] == ["first sentence", "", "third one"]
@@ -228,7 +228,7 @@ def test_cli_stdin_error_is_one_line_in_a_real_process():
 
 @pytest.mark.parametrize("args,message", [
     (["--input", "{tmp}/latin1.txt", "--output", "{tmp}/o.npy"],
-     "{tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3); convert it first, e.g. iconv -f latin1 -t utf-8"),
+     "{tmp}/latin1.txt line 1 is not UTF-8: convert it, e.g. iconv -f latin1 -t utf-8"),
     (["--input", "{tmp}/empty.txt", "--output", "{tmp}/o.npy"], "{tmp}/empty.txt is empty: nothing to embed"),
     (["--input", "{tmp}/missing.txt", "--output", "{tmp}/o.npy"],
      "cannot read {tmp}/missing.txt: No such file or directory"),
