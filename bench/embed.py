@@ -42,6 +42,23 @@ def transformers_encode(ref, emb, sentences, bs):
     return np.concatenate(out)
 
 
+def matmul_peak(dtype, n=2048, repeats=10) -> float:
+    """This machine's dense matmul rate in FLOP/s (the best of a few n x n products), in this process."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def linear_flops(emb, sentences) -> float:
+    """FLOPs of the decoder blocks' linear layers for the tokens embed.py runs (the cached prefix runs once)."""
+    params = sum(p.numel() for n, p in emb.model.named_parameters() if ".layers." in n and p.dim() == 2)
+    return 2.0 * params * sum(len(ids) for ids, _ in emb.tokenize(sentences))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="number of STS-B dev sentences")
@@ -62,6 +79,10 @@ def main(argv=None):
             t = time.perf_counter(); b = transformers_encode(ref, emb, sents, args.batch_size)
             theirs = max(theirs, len(sents) / (time.perf_counter() - t))
         print(f"{name:<22} {ours:>16.1f} {theirs:>20.1f} {ours / theirs:>6.2f}x {np.abs(a - b).max():>11.2e}")
+        peak = max(matmul_peak(torch.float32), matmul_peak(torch.float32))
+        used = linear_flops(emb, sents) * ours / len(sents)
+        print(f"{'':<22} embed.py runs its linear layers at {used / 1e9:.1f} GFLOP/s, "
+              f"{used / peak:.0%} of this machine's fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, measured now)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process, both models loaded)")
 
 
