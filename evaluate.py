@@ -8,7 +8,6 @@
   following SentEval's protocol (see `inner_kfold`).
 
     python evaluate.py --tasks sts --model opt-125m opt-350m opt-1.3b --plot docs/scaling.png
-    python evaluate.py --tasks stsb-dev --encoder DIR     # a sentence-transformers model
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import sys
 import time
 import warnings
 from collections import namedtuple
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -75,8 +73,8 @@ BINARY = {  # label 1 = first file, 0 = second (SentEval's convention)
     "mr": ("rt-polarity.pos", "rt-polarity.neg"), "cr": ("custrev.pos", "custrev.neg"),
     "subj": ("subj.objective", "subj.subjective"), "mpqa": ("mpqa.pos", "mpqa.neg"),
 }
-TREC_CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]  # coarse classes, SentEval's order
 SICK_FILES = {"train": "SICK_train.txt", "trial": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
+TREC_CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]  # coarse classes, SentEval's order
 
 
 def load_sts_year(root, name) -> dict:
@@ -310,13 +308,16 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def evaluate(encoder, loaded, kfold=10, progress=True) -> dict:
-    """{task: result} for {task: splits} from load_task; each result has "score" (Spearman or accuracy, a fraction).
+def evaluate(model, params, encoder, loaded, kfold=10) -> dict:
+    """One row of the results record: `model`'s {task: result} on {task: splits} from load_task (each result has
+    "score", Spearman or accuracy as a fraction), their x100 summary, and its CachedEncoder's fingerprint and counts.
     Every sentence of every task is encoded once."""
     data = [d for splits in loaded.values() for d in splits.values()]
-    sents = [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)]
-    emb = embed_all(encoder, sents, progress)
-    return {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
+    emb = embed_all(encoder, [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)])
+    results = {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
+    return {"model": model, "params": params, "encoder": encoder.fingerprint, "tasks": results,
+            "summary_x100": {TITLES[n]: round(100 * r["score"], 2) for n, r in results.items()},
+            "cache": encoder.dir and str(encoder.dir), "sentences_encoded": encoder.n_encoded}
 
 
 def tables(rows) -> str:
@@ -335,6 +336,20 @@ def tables(rows) -> str:
     return "\n".join(lines).strip()
 
 
+def write_record(out, rows, loaded, root, kfold, provenance) -> dict:
+    """Print the tables of rows and write their JSON record to out: one model gives one flat record."""
+    print(tables([(r["model"], r["tasks"]) for r in rows]))
+    files = sorted({f for splits in loaded.values() for d in splits.values() for f in d.files})
+    record = {"protocol": f"evaluate.py's docstring; transfer kfold={kfold}, seed={SEED}, C in 4^-7..4^1",
+              "data_dir": str(root),
+              "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+              **provenance}
+    record = {**rows[0], **record} if len(rows) == 1 else {"rows": rows, **record}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nwrote {out} ({record['wall_seconds']} s)")
+    return record
+
+
 def n_params(model) -> int:
     # A 4-bit weight (bitsandbytes Params4bit) packs two values in a byte; its quant_state keeps the real shape.
     shape = lambda p: getattr(getattr(p, "quant_state", None), "shape", p.shape)  # noqa: E731
@@ -342,21 +357,13 @@ def n_params(model) -> int:
 
 
 def build_encoder(args, model):
-    """-> (encoder, its parameter count): embed.Embedder, or the sentence-transformers model of --encoder."""
-    if args.encoder:  # a peer baseline with no fingerprint, so not disk-cached
-        from sentence_transformers import SentenceTransformer
-        st = SentenceTransformer(args.encoder, device=str(device(args.device)))
-        return SimpleNamespace(encode=lambda sents: st.encode(list(sents), batch_size=args.batch_size)), n_params(st)
+    """-> (embed.Embedder for `model` configured by the flags, its parameter count)."""
     from embed import Embedder  # torch and the model code load only when needed
-    demos = parse_demonstrations(args.demonstration)
     kwargs = dict(model=model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
                   batch_size=args.batch_size, device=device(args.device), dtype=args.dtype, bits=args.bits,
-                  adapter=args.adapter, demonstrations=demos)  # None: embed.py's default
+                  adapter=args.adapter, demonstrations=parse_demonstrations(args.demonstration))  # None: the default
     emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})
     return emb, n_params(emb.model)
-
-
-LLM_FLAGS = ["model", "template", "pooling", "demonstration", "adapter", "bits", "dtype", "max_tokens"]
 
 
 def parser():
@@ -369,7 +376,6 @@ def parser():
     p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json; creates runs/ if missing)")
     p.add_argument("--plot", metavar="PNG", help="also draw average STS against parameter count, with the paper's")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
-    p.add_argument("--encoder", metavar="DIR", help="evaluate a sentence-transformers model directory instead")
     return p
 
 
@@ -379,12 +385,6 @@ def main(argv=None, kept=None) -> int:
     names, _ = parse_tasks(args.tasks), parse_demonstrations(args.demonstration)  # cheap checks first
     if args.kfold < 2 or args.batch_size < 1 or (args.max_tokens or 1) < 1:
         raise UserError("--kfold must be at least 2, --batch-size and --max-tokens at least 1")
-    if args.encoder and any(getattr(args, f) is not None for f in LLM_FLAGS):
-        raise UserError("--encoder takes none of " + "/".join("--" + f.replace("_", "-") for f in LLM_FLAGS))
-    if args.encoder and not (pathlib.Path(args.encoder) / "modules.json").is_file():
-        raise UserError(f"{args.encoder} is not a sentence-transformers model directory (no modules.json)")
-    if args.encoder and importlib.util.find_spec("sentence_transformers") is None:
-        raise UserError("--encoder needs sentence-transformers: pip install sentence-transformers")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib")
     if args.plot and not set(STS) <= set(names):
@@ -397,27 +397,14 @@ def main(argv=None, kept=None) -> int:
     root = data_dir(args.data_dir)
     loaded = {n: load_task(n, root) for n in names}  # data errors surface before a model loads
     rows = []
-    for model in [None] if args.encoder else args.model or [None]:
+    for model in args.model or [None]:
         encoder, params = build_encoder(args, model)
         cached = CachedEncoder(encoder, disk=not args.no_cache)
         if cached.dir is not None and kept is not None:
             kept.append(f"the embeddings computed so far are cached in {cached.dir.parent}; a rerun reuses them")
-        results = evaluate(cached, loaded, args.kfold)
-        summary = {TITLES[n]: round(100 * r["score"], 2) for n, r in results.items()}
-        rows.append({"model": model or getattr(encoder, "fingerprint", {}).get("model") or args.encoder,
-                     "params": params, "encoder": cached.fingerprint or {"sentence_transformers": args.encoder},
-                     "tasks": results, "summary_x100": summary, "cache": cached.dir and str(cached.dir),
-                     "sentences_encoded": cached.n_encoded})
+        rows.append(evaluate(model or encoder.fingerprint["model"], params, cached, loaded, args.kfold))
         del encoder, cached  # this model's memory is free before the next one loads
-    print(tables([(r["model"], r["tasks"]) for r in rows]))
-    files = sorted({f for splits in loaded.values() for d in splits.values() for f in d.files})
-    record = {"protocol": f"evaluate.py's docstring; transfer kfold={args.kfold}, seed={SEED}, C in 4^-7..4^1",
-              "data_dir": str(root),
-              "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
-              **provenance("evaluate.py", argv, started)}
-    record = {**rows[0], **record} if len(rows) == 1 else {"rows": rows, **record}  # one model: one flat record
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nwrote {out} ({record['wall_seconds']} s)")
+    write_record(out, rows, loaded, root, args.kfold, provenance("evaluate.py", argv, started))
     if plot:
         sys.path.insert(0, str(REPO / "docs"))
         import figures

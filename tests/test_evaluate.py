@@ -272,11 +272,6 @@ def test_cli_user_errors_are_one_line_and_exit_1(tmp_path, capsys):
     rc, _, err = run(["--tasks", "nope"], capsys)
     assert rc == 1 and err.count("\n") == 1 and err.startswith("sentemb: error: unknown task 'nope'")
     assert "no evaluation data in" in run(["--data-dir", tmp_path, "--output", tmp_path / "r.json"], capsys)[2]
-    err = run(["--encoder", tmp_path, "--pooling", "mean", "--output", tmp_path / "r.json"], capsys)[2]
-    assert err == ("sentemb: error: --encoder takes none of --model/--template/--pooling/--demonstration/--adapter/"
-                   "--bits/--dtype/--max-tokens\n")
-    err = run(["--encoder", tmp_path, "--tasks", "stsb-dev", "--output", tmp_path / "r.json"], capsys)[2]
-    assert err == f"sentemb: error: {tmp_path} is not a sentence-transformers model directory (no modules.json)\n"
     err = run(["--tasks", "stsb,sickr", "--plot", tmp_path / "p.png", "--output", tmp_path / "r.json"], capsys)[2]
     assert err == "sentemb: error: --plot draws the average of the seven STS tasks: run it with --tasks sts or all\n"
     assert run(["--device", "bogus", "--output", tmp_path / "r.json"], capsys)[2] == (
@@ -387,6 +382,39 @@ def test_tables_use_the_paper_layout():
     assert "     STS12   STS13   STS14   STS15   STS16   STS-B  SICK-R    Avg.\na    " in text
     assert "Transfer, accuracy\n        MR      CR\na    80.00   80.00\nbb   80.00   80.00" in text
     assert text.count("Avg.") == 1
+
+
+# ---------------------------------------------------------------- bench/st_baseline.py
+@pytest.fixture
+def st_baseline():
+    spec = importlib.util.spec_from_file_location("st_baseline", ev.REPO / "bench" / "st_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_st_baseline_writes_evaluates_record_layout_without_a_disk_cache(st_baseline, tmp_path, capsys, monkeypatch):
+    class Plain(HashEncoder):
+        fingerprint = None  # a peer baseline: nothing to key a disk cache on
+
+    monkeypatch.setenv("SENTEMB_CACHE", str(tmp_path / "cache"))
+    loaded = {n: ev.load_task(n, FIX) for n in ev.parse_tasks("sts,stsb-dev")}
+    rec = st_baseline.baseline(Plain(), "st-dir", 22, loaded, FIX, tmp_path / "r.json", argv=["st-dir"])
+    assert json.loads((tmp_path / "r.json").read_text()).keys() == rec.keys()
+    assert rec["command"] == ["bench/st_baseline.py", "st-dir"]
+    assert rec["encoder"] == {"sentence_transformers": "st-dir"} and rec["params"] == 22 and rec["cache"] is None
+    assert list(rec["summary_x100"]) == ["STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R", "STS-B dev"]
+    assert "st-dir" in capsys.readouterr().out and not (tmp_path / "cache").exists()
+    row = ev.evaluate("st-dir", 22, common.CachedEncoder(Plain(), disk=False), loaded)
+    assert rec["summary_x100"] == row["summary_x100"]  # the same scorers as evaluate.py
+
+
+def test_st_baseline_user_errors_are_one_line(st_baseline, tmp_path, capsys):
+    assert common.cli(st_baseline.main, [str(tmp_path), "--output", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"sentemb: error: {tmp_path} is not a sentence-transformers model directory (no modules.json)\n"
+    assert common.cli(st_baseline.main, [str(tmp_path), "--tasks", "nope", "--output", "r.json"]) == 1
+    assert capsys.readouterr().err.startswith("sentemb: error: unknown task 'nope'")
 
 
 # ---------------------------------------------------------------- data/download.py
