@@ -1,6 +1,5 @@
-"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) safetensors checkpoints: the final hidden
-states (transformers' `hidden_states[-1]`), a key/value cache for a shared prompt prefix, the LM head when asked.
-Module names are Hugging Face's (`model.layers.0.mlp.gate_proj`), so checkpoints and PEFT adapters map by name.
+"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) checkpoints: final hidden states, a key/value
+cache for a shared prompt prefix, the LM head. Hugging Face module names, so checkpoints and PEFT adapters map by name.
 
     model, tok = load("smollm2-135m")
     ids, mask = tok.pad([tok.encode("A man plays a guitar.")])
@@ -9,7 +8,6 @@ Module names are Hugging Face's (`model.layers.0.mlp.gate_proj`), so checkpoints
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,22 +67,21 @@ class Config:
                       **{k: cfg.get(k, specials.get(k)) for k in ("pad_token_id", "bos_token_id", "eos_token_id")})
         if t == "opt":
             bias = cfg.get("enable_bias", True)
-            return Config(**shared, num_key_value_heads=nh, head_dim=h // nh, intermediate_size=cfg["ffn_dim"],
-                          max_position_embeddings=cfg["max_position_embeddings"],
-                          tie_word_embeddings=cfg.get("tie_word_embeddings", True), attention_bias=bias,
-                          output_bias=bias, mlp_bias=bias, word_embed_proj_dim=cfg.get("word_embed_proj_dim", h),
-                          pre_norm=cfg.get("do_layer_norm_before", True))
+            return Config(**shared, num_key_value_heads=nh, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+                          max_position_embeddings=cfg["max_position_embeddings"], intermediate_size=cfg["ffn_dim"],
+                          word_embed_proj_dim=cfg.get("word_embed_proj_dim", h), head_dim=h // nh, attention_bias=bias,
+                          output_bias=bias, mlp_bias=bias, pre_norm=cfg.get("do_layer_norm_before", True))
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"unsupported rope scaling {rope} (only plain RoPE)")
         window = cfg.get("sliding_window") if t == "mistral" or cfg.get("use_sliding_window") else None
-        return Config(**shared, num_key_value_heads=cfg.get("num_key_value_heads") or nh,
-                      head_dim=cfg.get("head_dim") or h // nh, intermediate_size=cfg["intermediate_size"],
+        return Config(**shared, intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                      num_key_value_heads=cfg.get("num_key_value_heads") or nh, head_dim=cfg.get("head_dim") or h // nh,
                       max_position_embeddings=cfg.get("max_position_embeddings", 2048), sliding_window=window,
-                      norm_eps=cfg.get("rms_norm_eps", 1e-6), output_bias=cfg.get("attention_bias", False),
                       rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
                       tie_word_embeddings=cfg.get("tie_word_embeddings", False), mlp_bias=cfg.get("mlp_bias", False),
-                      attention_bias=t == "qwen2" or cfg.get("attention_bias", False))
+                      attention_bias=t == "qwen2" or cfg.get("attention_bias", False),
+                      output_bias=cfg.get("attention_bias", False))
 
 
 class RMSNorm(nn.Module):
@@ -106,29 +103,26 @@ class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.c = c
-        nh, nkv, hd, b = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.attention_bias
-        self.q_proj = nn.Linear(c.hidden_size, nh * hd, bias=b)
-        self.k_proj = nn.Linear(c.hidden_size, nkv * hd, bias=b)
-        self.v_proj = nn.Linear(c.hidden_size, nkv * hd, bias=b)
-        setattr(self, "out_proj" if c.model_type == "opt" else "o_proj",
-                nn.Linear(nh * hd, c.hidden_size, bias=c.output_bias))
+        nh, nkv, hd, h, b = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.attention_bias
+        self.q_proj = nn.Linear(h, nh * hd, bias=b)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=b)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=b)
+        setattr(self, "out_proj" if c.model_type == "opt" else "o_proj", nn.Linear(nh * hd, h, bias=c.output_bias))
 
     def forward(self, x, mask, past, cos_sin=None):
         B, T, _ = x.shape
-        c = self.c
-        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)   # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.c.head_dim).transpose(1, 2)                 # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.c.head_dim).transpose(1, 2)                 # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.c.head_dim).transpose(1, 2)
         if cos_sin is not None:
             q, k = rope(q, *cos_sin), rope(k, *cos_sin)
         if past is not None:                                 # shared prefix: (1, nkv, P, hd) -> batch
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)                       # (B, nkv, P+T, hd)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
         # SDPA's fused kernels accumulate softmax in fp32, so fp16/bf16 stay safe.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=c.num_key_value_heads != c.num_attention_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(B, T, -1)                                            # (B, T, nh*hd)
-        out = self.out_proj if c.model_type == "opt" else self.o_proj
+        out = self.out_proj if self.c.model_type == "opt" else self.o_proj
         return out(y), (k, v)
 
 
@@ -222,9 +216,9 @@ class LlamaModel(nn.Module):
 class Decoder(nn.Module):
     """`model.decoder.*` (OPT) or `model.*` (LLaMA family), plus `lm_head`, as in XForCausalLM."""
 
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, source: Path | None = None):
         super().__init__()
-        self.config, self.source = c, None
+        self.config, self.source = c, source        # the resolved directory (embed.py fingerprints its files)
         self.model = nn.ModuleDict({"decoder": OPTDecoder(c)}) if c.model_type == "opt" else LlamaModel(c)
         self.lm_head = nn.Linear(self.embeddings().embedding_dim, c.vocab_size, bias=False)
 
@@ -236,18 +230,16 @@ class Decoder(nn.Module):
         return self.body.embed_tokens
 
     def forward(self, input_ids, attention_mask=None, past=None, use_cache=False):
-        """input_ids (B, T), attention_mask (B, T) with 1 for real tokens (left padding) -> hidden states (B, T, H),
-        and this call's key/value cache too if use_cache. `past`: an earlier use_cache=True call's cache of a shared,
-        unpadded prefix of P tokens; the new tokens continue it from position P, and every row sees all of it."""
+        """input_ids (B, T), attention_mask (B, T), 1 for real tokens (left padding) -> hidden states (B, T, H), and the
+        key/value cache if use_cache. `past`: such a cache of a shared unpadded prefix, which every row continues."""
         B, T = input_ids.shape
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         P = 0 if past is None else past[0][0].shape[2]
         # Positions count real tokens only: a left-padded sentence gets the positions it has alone (pads: -1 -> 0).
         pos = (P + real.long().cumsum(-1) - 1).clamp(min=0)                  # (B, T)
         # Attention mask (B, 1, T, P+T): causal, no padding keys; a pad query keeps its diagonal (no all -inf row).
-        causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
-        mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
-        mask = (torch.cat([mask.new_ones(B, T, P), mask], dim=-1) if P else mask)[:, None]   # every row sees the prefix
+        mask = (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=real.device)).tril()           # (B, T, T)
+        mask = torch.cat([mask.new_ones(B, T, P), mask], dim=-1)[:, None]               # every row sees the prefix
         x, presents = self.body(input_ids, mask, pos, past)
         return (x, presents) if use_cache else x
 
@@ -270,8 +262,7 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def pad(self, seqs: list[list[int]], device=None):
-        """Left-pad to the longest: the last position is every row's last real token."""
+    def pad(self, seqs: list[list[int]], device=None):   # left-pad: the last position is each row's last real token
         T = max(len(s) for s in seqs)
         ids = torch.tensor([[self.pad_id] * (T - len(s)) + s for s in seqs], dtype=torch.long, device=device)
         mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
@@ -301,7 +292,7 @@ def load_tokenizer(path: Path, c: Config) -> Tokenizer:
 
 def resolve(name: str) -> Path:
     """Alias, local directory or hub id -> a local directory with config.json."""
-    if os.path.isdir(name):
+    if Path(name).is_dir():
         return Path(name)
     if name in ALIASES:
         if ALIASES[name] is None:
@@ -321,10 +312,9 @@ def resolve(name: str) -> Path:
 def read_checkpoint(path: Path):
     """Yield (name, tensor) from safetensors (sharded or not), else .bin with weights_only."""
     from safetensors import SafetensorError, safe_open
-    files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else ()
+    files = [path / f for f in sorted(shards)] or sorted(path.glob("*.safetensors"))
     bins = [] if files else sorted(p for p in path.glob("*.bin") if not p.name.startswith("training_args"))
     if not files and not bins:
         raise UserError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
@@ -346,8 +336,7 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
-    """-> (Decoder in eval mode, Tokenizer). bits=4/8 quantizes the block linears (QLoRA bases).
-    A checkpoint saved without its LM head (LlamaModel, OPTModel) loads with lm_head None: it embeds only."""
+    """-> (Decoder in eval mode, Tokenizer); bits=4/8 quantizes block linears; a base checkpoint has lm_head None."""
     if bits not in (None, 4, 8):
         raise UserError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
     path = resolve(name_or_path)
@@ -364,17 +353,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     device = common.device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
     with torch.device("meta"):   # no memory until a checkpoint tensor is assigned
-        model = Decoder(c)
+        model = Decoder(c, path)
     tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     seen, unexpected, misshaped = set(), [], []
     for name, t in read_checkpoint(path):
-        if not name.startswith(("model.", "lm_head.")):  # saved from a base model (OPTModel, LlamaModel)
-            name = "model." + name
-        if name in tied:
-            continue                                  # a saved copy of the tied embedding
+        name = name if name.startswith(("model.", "lm_head.")) else "model." + name   # saved from a base model
         if name not in expected:
-            unexpected.append(name)
+            if name not in tied:                      # else a saved copy of the tied embedding
+                unexpected.append(name)
             continue
         seen.add(name)                                # a mis-shaped tensor is reported as such, not as missing
         if tuple(t.shape) != tuple(expected[name]):
@@ -396,28 +383,23 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     elif "lm_head.weight" not in seen:
         model.lm_head = None                          # a base model: embeddings only
     model.eval().requires_grad_(False)
-    model.source = path          # the resolved directory (embed.py fingerprints its files)
     return model, load_tokenizer(path, c)
 
 
 def quantize(lin: nn.Linear, bits, dtype, device):
     """nn.Linear -> bitsandbytes Linear4bit (NF4, double quantization, computing in dtype) or Linear8bitLt."""
     import logging
-    # bitsandbytes warns at import when its optional faster CPU 4-bit kernel (package `kernels`) is absent.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # else warns: no `kernels` package
     import bitsandbytes as bnb
     n_in, n_out, bias, w = lin.in_features, lin.out_features, lin.bias is not None, lin.weight.data.cpu()
     if bits == 4:
-        q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=dtype, compress_statistics=True,
-                              quant_type="nf4", device="meta")
+        q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-        # Otherwise bitsandbytes repacks a CPU weight in place for a bf16 inference kernel at the first eval-mode
-        # forward: no backward, no exact inverse, so a QLoRA base would differ between evaluation and training.
+        # Else eval mode repacks a CPU weight in place for a bf16 kernel with no backward: evaluation != training.
         q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(n_in, n_out, bias=bias, has_fp16_weights=False, device="meta")
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if bias:
         q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
-    # .to(device) quantizes; without it the first forward fails with "quantization state not initialized".
-    return q.to(device)
+    return q.to(device)         # quantizes: else the first forward fails ("quantization state not initialized")
