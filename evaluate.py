@@ -1,16 +1,13 @@
 #!/usr/bin/env python
 """Evaluate sentence embeddings the way the PromptEOL paper does (Jiang et al. 2023).
 
-* STS (STS12-16, STS-B, SICK-R): Spearman correlation between the cosine similarity of the two embeddings and the gold
-  score, no regressor. STS12-16 use SentEval's "all" as patched by SimCSE (whose evaluation PromptEOL reuses): ONE
-  Spearman over a year's subsets concatenated. STS-B and SICK-R use their test split. Avg. is the mean of the seven.
+* STS (STS12-16, STS-B, SICK-R): Spearman correlation of the embeddings' cosine similarity with the gold score, no
+  regressor. STS12-16: SimCSE's SentEval "all", ONE Spearman over a year's subsets concatenated; STS-B, SICK-R: test.
 * Transfer (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC): accuracy of a logistic-regression probe on the frozen embeddings,
-  following SentEval's protocol (see `inner_kfold`).
+  with SentEval's protocol (see `inner_kfold`). Avg.: the mean of a group's seven tasks.
 
     python evaluate.py --tasks sts --model opt-125m opt-350m opt-1.3b --plot docs/scaling.png
 """
-from __future__ import annotations
-
 import argparse
 import hashlib
 import importlib.util
@@ -35,8 +32,7 @@ Labeled = namedtuple("Labeled", "x y files", defaults=[()])
 
 
 def _lines(path, encoding="utf-8"):
-    # A "line" is a str.splitlines() line (data/README.md); that also drops the "\r" of the CRLF files (SICK test).
-    # Blank lines are kept: CR and MPQA count them as sentences.
+    # str.splitlines() lines (data/README.md): no "\r" of the CRLF files (SICK test); blank lines stay (CR, MPQA).
     try:
         return pathlib.Path(path).read_text(encoding=encoding).splitlines()
     except FileNotFoundError:
@@ -57,9 +53,13 @@ def _tok(s):
     return " ".join(s.split())
 
 
-def _pair_file(f, ncols, a, b, gold, cast=float, encoding="utf-8", header=False) -> Pairs:
-    rows = _rows(f, ncols, encoding, header)
-    return Pairs([_tok(r[a]) for r in rows], [_tok(r[b]) for r in rows], np.array([cast(r[gold]) for r in rows]), (f,))
+def _pair_loader(files, ncols, a, b, gold, cast=float, encoding="utf-8", header=False):
+    """-> load(root, split) -> Pairs of root / files[split]: sentences in columns a and b, the gold value in `gold`."""
+    def load(root, split) -> Pairs:
+        rows = _rows(f := root / files[split], ncols, encoding, header)
+        first, second = [_tok(r[a]) for r in rows], [_tok(r[b]) for r in rows]
+        return Pairs(first, second, np.array([cast(r[gold]) for r in rows]), (f,))
+    return load
 
 
 STS_SUBSETS = {  # SentEval's subset lists (STS13 without SMT, which is not public)
@@ -69,11 +69,8 @@ STS_SUBSETS = {  # SentEval's subset lists (STS13 without SMT, which is not publ
     "sts15": ["answers-forums", "answers-students", "belief", "headlines", "images"],
     "sts16": ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
 }
-BINARY = {  # label 1 = first file, 0 = second (SentEval's convention)
-    "mr": ("rt-polarity.pos", "rt-polarity.neg"), "cr": ("custrev.pos", "custrev.neg"),
-    "subj": ("subj.objective", "subj.subjective"), "mpqa": ("mpqa.pos", "mpqa.neg"),
-}
-SICK_FILES = {"train": "SICK_train.txt", "trial": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
+BINARY = {"mr": ("rt-polarity.pos", "rt-polarity.neg"), "cr": ("custrev.pos", "custrev.neg"),
+          "subj": ("subj.objective", "subj.subjective"), "mpqa": ("mpqa.pos", "mpqa.neg")}  # label: 1 first, 0 second
 TREC_CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]  # coarse classes, SentEval's order
 
 
@@ -91,14 +88,12 @@ def load_sts_year(root, name) -> dict:
     return out
 
 
-def load_stsb(root, split) -> Pairs:
-    """STS-B train/dev/test: genre, file, year, id, score, sentence1, sentence2."""
-    return _pair_file(root / "sts" / "stsb" / f"sts-{split}.csv", 7, a=5, b=6, gold=4)
-
-
-def load_sick(root, split) -> Pairs:
-    """SICK train/trial/test with the relatedness score (1-5) as gold."""
-    return _pair_file(root / "sts" / "sick" / SICK_FILES[split], 4, a=1, b=2, gold=3, header=True)
+# STS-B: genre, file, year, id, score, s1, s2. SICK: id, s1, s2, relatedness (1-5). MRPC: BOM, label, id1, id2, s1, s2.
+load_stsb = _pair_loader({s: f"sts/stsb/sts-{s}.csv" for s in ("train", "dev", "test")}, 7, a=5, b=6, gold=4)
+load_sick = _pair_loader({"train": "sts/sick/SICK_train.txt", "trial": "sts/sick/SICK_trial.txt",
+                          "test": "sts/sick/SICK_test_annotated.txt"}, 4, a=1, b=2, gold=3, header=True)
+load_mrpc = _pair_loader({s: f"transfer/mrpc/msr_paraphrase_{s}.txt" for s in ("train", "test")}, 5, a=3, b=4,
+                         gold=0, cast=int, encoding="utf-8-sig", header=True)
 
 
 def load_binary(root, name) -> Labeled:
@@ -122,11 +117,6 @@ def load_trec(root, split) -> Labeled:
         x.append(_tok(question.split(" ", 1)[1]))
         y.append(TREC_CLASSES.index(label))
     return Labeled(x, np.array(y), (f,))
-
-
-def load_mrpc(root, split) -> Pairs:
-    f = root / "transfer" / "mrpc" / f"msr_paraphrase_{split}.txt"  # BOM, then Quality, #1 ID, #2 ID, #1, #2
-    return _pair_file(f, 5, a=3, b=4, gold=0, cast=int, encoding="utf-8-sig", header=True)
 
 
 STS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr"]
@@ -181,20 +171,18 @@ def cosine(u, v):
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)            # SentEval: NaN -> 0
 
 
-def correlations(sys_scores, gold) -> dict:
+def correlations(x, gold) -> dict:
     from scipy.stats import pearsonr, spearmanr
     with warnings.catch_warnings():  # a constant input gives NaN, which is then reported as such
         warnings.simplefilter("ignore")
-        return {"spearman": float(spearmanr(sys_scores, gold)[0]),
-                "pearson": float(pearsonr(sys_scores, gold)[0]), "n": len(gold)}
+        return {"spearman": float(spearmanr(x, gold)[0]), "pearson": float(pearsonr(x, gold)[0]), "n": len(gold)}
 
 
 def aggregate(parts) -> dict:
     """SentEval/SimCSE summaries of {subset: (system scores, gold)}: "all" = one correlation over the concatenated
     subsets (the paper's number), "mean" and size-weighted "wmean" of the per-subset correlations."""
     subsets = {k: correlations(s, g) for k, (s, g) in parts.items()}
-    pooled = correlations(np.concatenate([s for s, _ in parts.values()]),
-                          np.concatenate([g for _, g in parts.values()]))
+    pooled = correlations(*(np.concatenate(c) for c in zip(*parts.values())))  # the subsets concatenated
     sizes = [r["n"] for r in subsets.values()]
     out = {"n": pooled["n"], "subsets": subsets}
     for m in ("spearman", "pearson"):
@@ -218,11 +206,10 @@ def stsb_dev(encoder, data=None, indices=None) -> float:
 
 
 # ----------------------------------------------------------------------------- transfer
-# SentEval's protocols (folds, seed, selection rules) with its `usepytorch=False` classifier: scikit-learn's
-# LogisticRegression (lbfgs), on features standardized with training-part statistics, since raw LLM hidden states have a
-# few huge dimensions that make lbfgs crawl. Standardized features need weaker regularization than SentEval's C grids
-# (set for raw features) allow, so one wider grid serves every classifier. The C path is warm-started (the same optimum
-# up to tolerance, faster). Results are deterministic.
+# SentEval's protocols (folds, seed, selection rules) with its `usepytorch=False` classifier, scikit-learn's lbfgs
+# LogisticRegression, on features standardized with training-part statistics: raw LLM hidden states have a few huge
+# dimensions that make lbfgs crawl. Standardized features need weaker regularization than SentEval's C grids allow, so
+# one wider grid serves every classifier; the C path is warm-started. Results are deterministic.
 SEED = 1111                               # SentEval's default seed
 REGS = [4.0 ** t for t in range(-7, 2)]   # C (inverse L2 strength) from 6e-5 to 4
 
@@ -295,8 +282,7 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
         order = _senteval_order(d.x, label=d.y)
         out = inner_kfold(emb([d.x[i] for i in order]), d.y[order], kfold)
     elif name == "sst2":
-        dev = splits["dev"]
-        out = probe(emb(tr.x), tr.y, emb(te.x), te.y, dev=(emb(dev.x), dev.y))
+        out = probe(emb(tr.x), tr.y, emb(te.x), te.y, dev=(emb(splits["dev"].x), splits["dev"].y))
     elif name == "trec":
         order = _senteval_order(tr.x, label=tr.y)
         out = probe(emb([tr.x[i] for i in order]), tr.y[order], emb(te.x), te.y, k=kfold)
@@ -309,9 +295,8 @@ def score_transfer(name, splits, emb, kfold=10) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def evaluate(model, params, encoder, loaded, kfold=10) -> dict:
-    """One row of the results record: `model`'s {task: result} on {task: splits} from load_task (each result has
-    "score", Spearman or accuracy as a fraction), their x100 summary, and its CachedEncoder's fingerprint and counts.
-    Every sentence of every task is encoded once."""
+    """One record row: `model`'s {task: result} on {task: splits} from load_task (each with "score", Spearman or
+    accuracy as a fraction), their x100 summary, its CachedEncoder's fingerprint and counts. Encodes a sentence once."""
     data = [d for splits in loaded.values() for d in splits.values()]
     emb = embed_all(encoder, [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)])
     results = {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb) for n, s in loaded.items()}
@@ -350,12 +335,6 @@ def write_record(out, rows, loaded, root, kfold, provenance) -> dict:
     return record
 
 
-def n_params(model) -> int:
-    # A 4-bit weight (bitsandbytes Params4bit) packs two values in a byte; its quant_state keeps the real shape.
-    shape = lambda p: getattr(getattr(p, "quant_state", None), "shape", p.shape)  # noqa: E731
-    return sum(shape(p).numel() for p in model.parameters())
-
-
 def build_encoder(args, model):
     """-> (embed.Embedder for `model` configured by the flags, its parameter count)."""
     from embed import Embedder  # torch and the model code load only when needed
@@ -363,7 +342,9 @@ def build_encoder(args, model):
                   batch_size=args.batch_size, device=device(args.device), dtype=args.dtype, bits=args.bits,
                   adapter=args.adapter, demonstrations=parse_demonstrations(args.demonstration))  # None: the default
     emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})
-    return emb, n_params(emb.model)
+    # A 4-bit weight (bitsandbytes Params4bit) packs two values in a byte; its quant_state keeps the real shape.
+    shapes = [getattr(getattr(p, "quant_state", None), "shape", p.shape) for p in emb.model.parameters()]
+    return emb, sum(shape.numel() for shape in shapes)
 
 
 def parser():
@@ -380,7 +361,7 @@ def parser():
 
 
 def main(argv=None, kept=None) -> int:
-    """The command; raises UserError. `kept` receives what an interrupted run leaves behind (see run())."""
+    """The command; raises UserError. `kept` receives what an interrupted run leaves behind."""
     args, started = parser().parse_args(argv), time.time()
     names, _ = parse_tasks(args.tasks), parse_demonstrations(args.demonstration)  # cheap checks first
     if args.kfold < 2 or args.batch_size < 1 or (args.max_tokens or 1) < 1:
@@ -413,11 +394,6 @@ def main(argv=None, kept=None) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """main() as a command (common.cli): a user error or Ctrl-C ends in one line on stderr and exit status 1."""
-    kept = []
-    return cli(lambda a: main(a, kept), argv, interrupted=lambda: kept[-1] if kept else "nothing was written")
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    kept = []
+    sys.exit(cli(lambda a: main(a, kept), interrupted=lambda: kept[-1] if kept else "nothing was written"))

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from sentence_transformers import SentenceTransformer
     st = SentenceTransformer(args.encoder, device=str(dev))
     encoder = SimpleNamespace(encode=lambda sents: st.encode(list(sents), batch_size=args.batch_size))
-    baseline(encoder, args.encoder, ev.n_params(st), loaded, root, out, args.kfold, argv, started)
+    params = sum(p.numel() for p in st.parameters())
+    baseline(encoder, args.encoder, params, loaded, root, out, args.kfold, argv, started)
     return 0
 
 
