@@ -189,7 +189,7 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     steps_per_epoch = len(triplets) // args.batch_size            # an epoch's last incomplete batch is dropped
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     args.warmup_steps = min(100, math.ceil(0.1 * total)) if args.warmup_steps is None else args.warmup_steps
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = args.dtype or str(M.default_dtype(device)).removeprefix("torch.")   # the base's compute; LoRA stays fp32
     if rank == 0 and bad:
         print(f"{args.data}: skipped {len(bad)} malformed row(s), line(s) {str(bad[:20])[1:-1]}", file=sys.stderr)
     model, tok = M.load(args.model, getattr(torch, args.dtype), device, None if args.bits == "none" else int(args.bits))
@@ -310,7 +310,8 @@ def parser():
     a("--output", default="runs/cse", help="run folder: log.jsonl, checkpoint-<step>/ named by `latest`, best/ (by "
       "STS-B dev) and final/ adapters (default runs/cse; with --resume, the checkpoint's)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun, rank i takes cuda:i)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="precision (default: bfloat16 on GPU, else float32)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], help="the base's compute precision (default: bfloat16 "
+      "on GPUs and CPUs with native bf16, else float32); LoRA weights and the optimizer stay float32")
     a("--bits", choices=["4", "8", "none"], default="4", help="quantize the frozen base: 4 (NF4, QLoRA; default), 8")
     a("--batch-size", type=int, default=256, help="triplets per step over all processes (default 256)")
     a("--chunk-size", type=int, default=32, help="sentences per forward pass: bounds memory (default 32)")

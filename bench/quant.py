@@ -17,12 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# On a shared, busy CPU, OpenMP threads that spin while waiting get descheduled and every
-# small op pays a time slice: timings swing by 5x. Passive waiting keeps them comparable.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import UserError  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+import torch  # noqa: E402
 import model as M  # noqa: E402
 
 SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
@@ -83,7 +80,7 @@ def main():
         try:
             M.resolve(args.model)
             name = args.model
-        except Exception as e:  # noqa: BLE001 - any failure to find the model means: use the stand-in
+        except (UserError, OSError) as e:  # no default model here: use the stand-in
             print(f"# {args.model} unavailable ({str(e).splitlines()[0][:100]}); "
                   f"using a random SmolLM2-135M-shaped LLaMA")
             name = random_checkpoint(Path(tmp))
