@@ -189,7 +189,7 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     steps_per_epoch = len(triplets) // args.batch_size            # an epoch's last incomplete batch is dropped
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     args.warmup_steps = min(100, math.ceil(0.1 * total)) if args.warmup_steps is None else args.warmup_steps
-    args.dtype = args.dtype or str(M.default_dtype(device)).removeprefix("torch.")   # the base's compute; LoRA stays fp32
+    args.dtype = args.dtype or str(M.default_dtype(device)).removeprefix("torch.")   # LoRA itself stays fp32
     if rank == 0 and bad:
         print(f"{args.data}: skipped {len(bad)} malformed row(s), line(s) {str(bad[:20])[1:-1]}", file=sys.stderr)
     model, tok = M.load(args.model, getattr(torch, args.dtype), device, None if args.bits == "none" else int(args.bits))
