@@ -123,9 +123,9 @@ def main(argv=None):
             seconds[k].append(time.perf_counter() - t)
     theirs_s = statistics.median(seconds["transformers + PEFT"])
     for k, s in seconds.items():                # (ours, cached's warm-up follows ours' first step: not at B = 0)
-        loss = f"  first-step loss {first[k]:.6f}" if k != "ours, cached" else ""
-        print(f"{k:<20} {statistics.median(s):7.2f} s/step (median of {len(s)}: "
-              f"{', '.join(f'{x:.2f}' for x in s)})  ratio to transformers {statistics.median(s) / theirs_s:.2f}x{loss}")
+        med, loss = statistics.median(s), f"  first-step loss {first[k]:.6f}" if k != "ours, cached" else ""
+        print(f"{k:<20} {med:7.2f} s/step (median of {len(s)}: "
+              f"{', '.join(f'{x:.2f}' for x in s)})  ratio to transformers {med / theirs_s:.2f}x{loss}")
     diff = abs(first["ours"] - first["transformers + PEFT"])
     print(f"first-step loss |ours - transformers| = {diff:.2e} ({'within' if diff <= 1e-4 else 'OVER'} 1e-4)")
 
