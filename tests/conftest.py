@@ -39,6 +39,16 @@ def data_root():
     return DATA
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: with other jobs on the CPU, a second OpenMP thread makes them ~50x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -15,12 +15,7 @@ from common import UserError
 LINES = [f"Sentence number {i} is {'long ' * (i % 7)}here." for i in range(37)] + ["", "  ", "Ça va? «oui»"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny matrices run best on one thread
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ LLAMA = dict(model_type="llama", vocab_size=400, hidden_size=64, num_hidden_laye
 NLI = str(FIXTURES / "nli_triplets.csv")      # 24 SimCSE triplets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: with other jobs on the CPU, a second OpenMP thread makes them ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny matrices run best on one thread
 
 
 @pytest.fixture(scope="module")
