@@ -132,7 +132,7 @@ def writable(flag, path) -> Path:
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     if not existed:
-        p.unlink()
+        p.unlink(missing_ok=True)   # another process (a torchrun rank) may have checked the same path
     return p
 
 
