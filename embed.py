@@ -193,17 +193,16 @@ class Embedder:
 
 
 # ---------------------------------------------------------------------- CLI
-def read_lines(path: str | None) -> list[str]:
+def read_stdin() -> list[str]:
+    """Sentences piped on stdin, one a line (a file given with --input streams through corpus.py instead)."""
+    data = sys.stdin.buffer.read()
     try:
-        data = sys.stdin.buffer.read() if path is None else Path(path).read_bytes()
         lines = data.decode("utf-8-sig").splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path or 'stdin'} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+        raise UserError(f"stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
                         f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
     if not lines:
-        raise UserError(f"{path or 'stdin'} is empty: nothing to embed")
+        raise UserError("stdin is empty: nothing to embed")
     return lines
 
 
@@ -256,7 +255,7 @@ def main(argv=None):
                    device=device, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
     if stream:
         return corpus.run(emb, args)
-    sentences = args.sentences or read_lines(args.input)
+    sentences = args.sentences or read_stdin()
     vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)
     if args.output:
         write_output(args.output, sentences, vecs)
