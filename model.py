@@ -302,10 +302,10 @@ def resolve(name: str) -> Path:
     elif not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
         raise UserError(f"unknown model {name!r}: not a local directory, an alias ({', '.join(ALIASES)}) "
                         f"or a Hugging Face repo id (owner/name)")
-    meta = ["*.json", "*.txt", "tokenizer.model"]
-    path = common.hub_snapshot(name, meta + ["*.safetensors"])
-    if not any(path.glob("*.safetensors")):         # repos that ship only pickles: .bin, read weights_only
-        path = common.hub_snapshot(name, meta + ["*.bin"])
+    meta = ["*.json", "*.txt", "tokenizer.model"]   # weights named as transformers names them: not consolidated.*
+    path = common.hub_snapshot(name, meta + ["model*.safetensors"])
+    if not any(path.glob("model*.safetensors")):    # repos that ship only pickles: .bin, read weights_only
+        path = common.hub_snapshot(name, meta + ["pytorch_model*.bin"])
     return path
 
 
