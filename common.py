@@ -63,6 +63,11 @@ def atomic(path):
         tmp.unlink(missing_ok=True)
 
 
+def write_atomic(path, text: str) -> None:
+    with atomic(path) as tmp:   # the file is complete or absent, never half-written
+        tmp.write_text(text, encoding="utf-8")
+
+
 def hub_snapshot(repo: str, patterns: list[str], what: str = "model") -> Path:
     """Download the files of a Hugging Face Hub repo matching `patterns` -> the local folder."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith((".", "/")):
@@ -196,8 +201,7 @@ class CachedEncoder:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "fingerprint.json"
         if not meta.exists():  # written before any vector
-            with atomic(meta) as tmp:
-                tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dim": self.dim}, indent=1, default=str))
+            write_atomic(meta, json.dumps({"fingerprint": self.fingerprint, "dim": self.dim}, indent=1, default=str))
         with open(self.dir / "vectors.bin", "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)   # parallel runs share the cache
             end = os.fstat(f.fileno()).st_size

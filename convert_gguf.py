@@ -206,8 +206,7 @@ def smollm2_dir(cache_dir=None) -> pathlib.Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", help=f"GGUF file (default: $SENTEMB_SMOLLM2_GGUF, else {GGUF_NAME} of the {WHEEL} wheel)")
-    ap.add_argument("--output", help=f"output folder (default: models/{CACHE_NAME} in $SENTEMB_CACHE "
-                    "or ~/.cache/sentemb)")
+    ap.add_argument("--output", help=f"output folder (default: {cache_root() / 'models' / CACHE_NAME})")
     args = ap.parse_args(argv)
     try:
         print(convert(args.gguf or find_gguf(), args.output or cache_root() / "models" / CACHE_NAME)

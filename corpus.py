@@ -21,7 +21,7 @@ import numpy as np
 import common  # before torch: it sets OpenMP's waiting policy
 import torch
 import torch.distributed as dist
-from common import UserError, atomic
+from common import UserError, atomic, write_atomic
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -131,8 +131,7 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     done = first = json.loads(record.read_text())["done"] if record.exists() else 0
     mine = range(rank, -(-n // chunk), world)
     sizes = [min(chunk, n - i * chunk) for i in mine]
-    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", delay=1,
-              disable=not progress or rank > 0) as bar:
+    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", delay=1, disable=not progress or rank) as bar:
         for i, lines in read_chunks(src, chunk):
             if i not in mine[first:]:
                 continue
@@ -141,8 +140,7 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
             rows = np.load(partial, mmap_mode="r+")   # mapped anew per chunk: written pages leave this process's memory
             rows[i * chunk: i * chunk + len(lines)] = emb.encode(lines, normalize=normalize, first=i * chunk + 1)
             rows.flush()
-            with atomic(record) as tmp:
-                tmp.write_text(json.dumps(dict(state, done=done + 1), default=str))
+            write_atomic(record, json.dumps(dict(state, done=done + 1), default=str))
             done += 1
             bar.update(len(lines))
     embedded = torch.tensor([sum(sizes[first:done])])

@@ -21,7 +21,7 @@ from collections import namedtuple
 import numpy as np
 
 from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, embedder_flags,
-                    parse_demonstrations, provenance, writable)
+                    parse_demonstrations, provenance, writable, write_atomic)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -330,7 +330,7 @@ def write_record(out, rows, loaded, root, kfold, provenance) -> dict:
               "data_files": {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
               **provenance}
     record = {**rows[0], **record} if len(rows) == 1 else {"rows": rows, **record}
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write_atomic(out, json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({record['wall_seconds']} s)")
     return record
 

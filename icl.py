@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 import evaluate as ev
-from common import CachedEncoder, UserError, atomic, cli, data_dir, device, parse_demonstrations, provenance
+from common import (CachedEncoder, UserError, cli, data_dir, device, parse_demonstrations, provenance, writable,
+                    write_atomic)
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"   # embed.py's defaults
-KEPT = "no output written; a search re-run resumes from the embedding cache"        # what Ctrl-C leaves
+KEPT = "no output written; a re-run resumes from the embedding cache (unless --no-cache)"   # what Ctrl-C leaves
 
 
 def read_lines(path) -> list[str]:
@@ -81,8 +82,7 @@ def write_default(alias, entry, path=None):
     path = Path(path or DEFAULTS_FILE)
     table = {k: v for k, v in (json.loads(path.read_text()) if path.exists() else {}).items() if k != alias}
     lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in {**table, alias: entry}.items()]
-    with atomic(path) as tmp:
-        tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    write_atomic(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 # ----------------------------------------------------------------------------- extension: successive halving
@@ -238,6 +238,7 @@ def load_embedder(args, demos=()):
 
 
 def cmd_candidates(args):
+    writable("--output", args.output)
     if args.source == "paper":
         cands = paper_candidates(args.data_dir)
     elif args.source == "wordnet":
@@ -245,13 +246,15 @@ def cmd_candidates(args):
     else:
         labeller = load_embedder(args, parse_demonstrations(args.demonstration) or [])
         cands = self_candidates(labeller, args.data_dir, args.n, args.seed, batch_size=args.batch_size)
-    Path(args.output).write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cands), encoding="utf-8")
+    write_atomic(args.output, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cands))
     print(f"wrote {len(cands)} {args.source} candidates to {args.output}", file=sys.stderr)
 
 
 def cmd_search(args):
     if args.write_default and args.dev_pairs:
         raise UserError("--write-default needs the full dev set: drop --dev-pairs")
+    out = (writable("--output", args.output) if args.output else   # checked before the search, not after it
+           Path(f"runs/icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"))
     files = args.candidates or [data_dir(args.data_dir, need="icl") / "icl" / "icl_examples.txt"]
     candidates = read_candidates(files) if args.candidates else paper_candidates(args.data_dir)
     base, started = None if args.dry_run else load_embedder(args), time.time()
@@ -259,11 +262,10 @@ def cmd_search(args):
                  args.max_k, args.cache_dir, disk=not args.no_cache, progress=True)
     if base is None:
         return
-    out = Path(args.output or f"runs/icl-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "encoder": base.fingerprint, **provenance("icl.py", args.argv, started),
               "candidates": [str(p) for p in files], **res}
-    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     w, ks = res["winner"], "".join(f"; best {m['k']}: {100 * m['spearman']:.2f}" for m in res["k_greater_than_1"])
     print(f"winner ({w['source']}): {w['sentence']!r} -> {w['word']}: {100 * w['spearman']:.2f}; "
           f"no demonstration: {100 * res['no_demonstration']:.2f}{ks} -> {out}")

@@ -230,8 +230,7 @@ def save_checkpoint(run):
         torch.save({"args": vars(run.args), "position": vars(run.pos), "world_size": run.world, "rng": rngs,
                     "data_sha256": run.data_sha256, "optimizer": run.opt.state_dict(),
                     "scheduler": run.sched.state_dict()}, tmp / "trainer.pt")
-    with common.atomic(run.out / "latest") as tmp:
-        tmp.write_text(path.name + "\n")
+    common.write_atomic(run.out / "latest", path.name + "\n")
     for old in set(run.out.glob("checkpoint-*")) - {path}:
         shutil.rmtree(old)
 
@@ -337,8 +336,7 @@ def parser():
 
 def parse_args(argv=None):
     """-> (args, checkpoint, state). --resume: all but LOCAL settings from the checkpoint; other RECIPE refused."""
-    p = parser()
-    args = p.parse_args(argv)
+    args = (p := parser()).parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))                  # parsed again without defaults: the flags given
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = state = None

@@ -223,6 +223,14 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(capsys, monkeypatch):
     assert rc == 1 and err == f"sentemb: interrupted; {icl.KEPT}\n"
 
 
+@pytest.mark.parametrize("command", [["search"], ["candidates", "--source", "self"]])
+def test_output_is_checked_before_any_work(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(icl, "load_embedder", None)   # no model is loaded, no search runs
+    monkeypatch.setattr(icl, "search", None)
+    rc, err = run(command + ["--data-dir", str(MINI), "--output", str(tmp_path / "no" / "r.json")], capsys)
+    assert rc == 1 and err == f"sentemb: error: --output {tmp_path / 'no' / 'r.json'}: its folder does not exist\n"
+    assert not (tmp_path / "no").exists()
+
 def test_bad_device_and_missing_data_are_one_line(tmp_path, capsys):
     rc, err = run(["search", "--data-dir", str(MINI), "--device", "tpu"], capsys)
     assert rc == 1 and err.startswith("sentemb: error: --device 'tpu'") and err.count("\n") == 1
