@@ -131,7 +131,8 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     done = first = json.loads(record.read_text())["done"] if record.exists() else 0
     mine = range(rank, -(-n // chunk), world)
     sizes = [min(chunk, n - i * chunk) for i in mine]
-    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", delay=1, disable=not progress or rank) as bar:
+    with tqdm(total=sum(sizes), initial=sum(sizes[:done]), unit="sent", delay=1,
+              disable=not progress or rank > 0) as bar:
         for i, lines in read_chunks(src, chunk):
             if i not in mine[first:]:
                 continue

@@ -194,13 +194,8 @@ class Embedder:
 
 # ---------------------------------------------------------------------- CLI
 def read_stdin() -> list[str]:
-    """Sentences piped on stdin, one a line (a file given with --input streams through corpus.py instead)."""
-    data = sys.stdin.buffer.read()
-    try:
-        lines = data.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    """Sentences piped on stdin, one a line, split as corpus.py splits an --input file: at "\n" only."""
+    lines = [line for _, chunk in corpus.read_chunks(Path("/dev/stdin"), corpus.CHUNK) for line in chunk]
     if not lines:
         raise UserError("stdin is empty: nothing to embed")
     return lines

@@ -336,7 +336,8 @@ def parser():
 
 def parse_args(argv=None):
     """-> (args, checkpoint, state). --resume: all but LOCAL settings from the checkpoint; other RECIPE refused."""
-    args = (p := parser()).parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))                  # parsed again without defaults: the flags given
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = state = None

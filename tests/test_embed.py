@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import corpus
 import embed as E
 import model as M
 from test_model import LLAMA_GQA, OPT_PRE, hf_model, save
@@ -225,6 +226,15 @@ def test_cli_stdin_error_is_one_line_in_a_real_process():
     assert r.returncode == 1 and err == ("embed.py: error: unknown model 'no-such-model': not a local directory, an "
                                          f"alias ({', '.join(M.ALIASES)}) or a Hugging Face repo id (owner/name)"), err
 
+
+def test_stdin_splits_lines_as_an_input_file_does(tmp_path):
+    text = "form\x0cfeed\r\nline\u2028separator\n\nnext\x85line\nno newline at the end"   # str.splitlines: 8
+    (tmp_path / "in.txt").write_bytes(text.encode())
+    from_file = [line for _, chunk in corpus.read_chunks(tmp_path / "in.txt", 2) for line in chunk]
+    r = subprocess.run([sys.executable, "-c", "import embed, json; print(json.dumps(embed.read_stdin()))"],
+                       input=text.encode(), capture_output=True, cwd=ROOT, timeout=300)
+    assert json.loads(r.stdout) == from_file == ["form\x0cfeed", "line\u2028separator", "", "next\x85line",
+                                                 "no newline at the end"]
 
 @pytest.mark.parametrize("args,message", [
     (["--input", "{tmp}/latin1.txt", "--output", "{tmp}/o.npy"],
