@@ -204,12 +204,13 @@ def smollm2_dir(cache_dir=None) -> pathlib.Path:
 
 
 def main(argv=None):
+    default = cache_root() / "models" / CACHE_NAME
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", help=f"GGUF file (default: $SENTEMB_SMOLLM2_GGUF, else {GGUF_NAME} of the {WHEEL} wheel)")
-    ap.add_argument("--output", help=f"output folder (default: {cache_root() / 'models' / CACHE_NAME})")
+    ap.add_argument("--output", help=f"output folder (default: {default})")
     args = ap.parse_args(argv)
     try:
-        print(convert(args.gguf or find_gguf(), args.output or cache_root() / "models" / CACHE_NAME)
+        print(convert(args.gguf or find_gguf(), args.output or default)
               if args.gguf or args.output else smollm2_dir())
     except OSError as e:   # an unwritable --output, a full disk
         raise UserError(str(e)) from None
