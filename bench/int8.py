@@ -112,7 +112,8 @@ def main():
         t = time.perf_counter()
         out = emb.encode(sentences)
         seconds = time.perf_counter() - t
-        ref, t_ref = (out, seconds) if ref is None else (ref, t_ref)
+        if ref is None:                                              # fp32 comes first
+            ref, t_ref = out, seconds
         cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
         score = None if args.no_dev else 100 * EV.stsb_dev(emb.with_demonstrations(emb.demonstrations))
         ratio = None if name == "per-token" else seconds / t_ref
