@@ -62,7 +62,7 @@ def label(name, record):
         parts += [TEMPLATE[template], " + ".join(f'"{w}" demo' for _, w in demos) if demos else "no demo"]
     if pooling == "mean" or template == "none":
         parts.append("mean pooling" if pooling == "mean" else "last token")
-    parts += ["adapter"] * bool(enc.get("adapter")) + [f"{enc['bits']}-bit"] * bool(enc.get("bits"))
+    parts += [f"adapter {enc['adapter']}"] * bool(enc.get("adapter")) + [f"{enc['bits']}-bit"] * bool(enc.get("bits"))
     parts += ["bf16"] * ("bfloat16" in str(enc.get("dtype")))
     return ", ".join(parts)
 
@@ -140,7 +140,7 @@ def training(log, out):
         ax2.set_ylabel("STS-B dev Spearman × 100", color="tab:red")
     else:
         title += " (no STS-B dev evaluations in this run's log)"
-    rec = next((r["recipe"] for r in log if r.get("event") == "start" and "recipe" in r), None)
+    rec = next((r["args"] for r in log if r.get("event") == "start" and "args" in r), None)
     if rec:
         title += f"\n{rec.get('model')}, {rec.get('batch_size')} triplets/step, lr {rec.get('lr')}"
     ax.set_title(title)
@@ -198,7 +198,7 @@ def main(argv=None):
     records = {f.stem: _read(f) for f in sorted(a.results.glob("*.json"))}
     sts_per_task(records, a.out / "sts_per_task.png")
     icl_rounds(_read(a.results / "icl-smollm2-135m.json"), a.out / "icl_rounds.png")
-    training(_read(a.results / "cse" / "log.jsonl"), a.out / "training.png")
+    training(_read(a.results / "cse-epoch" / "log.jsonl"), a.out / "training.png")   # the one-epoch run
     default = _read(a.results / "sts-smollm2-eol-icl.json")   # the default configuration
     scaling([{"model": "smollm2-135m", "params": PARAMS["smollm2-135m"], "avg": sts_avg(default)}],
             a.out / "scaling.png")

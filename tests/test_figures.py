@@ -29,7 +29,7 @@ CAND = [{"sentence": f"s{i}", "word": f"W{i}", "source": src, "spearman": sp, "p
 ICL = {"model": "tiny", "ranked": CAND, "winner": CAND[0], "no_demonstration": 0.66,
        "rounds": [{"round": 1, "pairs": 10, "candidates": 5, "best": 0.7},
                   {"round": 2, "pairs": 40, "candidates": 2, "best": 0.77}]}
-LOG = [{"event": "start", "step": 0, "recipe": {"model": "tiny", "batch_size": 4, "lr": 5e-4}},
+LOG = [{"event": "start", "step": 0, "args": {"model": "tiny", "batch_size": 4, "lr": 5e-4}},
        *({"step": s, "loss": 3.0 / s} for s in range(1, 6)),
        {"step": 5, "stsb_dev": 0.7, "best": True}, {"event": "done", "steps": 5}]
 
@@ -48,7 +48,7 @@ def test_importing_figures_does_not_load_matplotlib():
 def test_labels_name_method_demonstration_adapter_and_precision():
     assert figures.label("sts-tiny", RECORDS["sts-tiny"]) == 'tiny, PromptEOL, "Windpipe" demo'
     enc = {**ENCODER, "demonstrations": [], "adapter": "runs/cse/final", "bits": 4, "dtype": "torch.bfloat16"}
-    assert figures.label("x", {"encoder": enc}) == "tiny, PromptEOL, no demo, adapter, 4-bit, bf16"
+    assert figures.label("x", {"encoder": enc}) == "tiny, PromptEOL, no demo, adapter runs/cse/final, 4-bit, bf16"
     assert figures.label("sts-tiny-mean", RECORDS["sts-tiny-mean"]) == "tiny, mean pooling"
     assert figures.label("outside-encoder", RECORDS["outside-encoder"]) == "outside-encoder"
 
@@ -93,15 +93,15 @@ def test_scaling_with_tiny_models_and_the_paper_points(tmp_path):
 
 def test_cli_redraws_all_four_from_a_results_folder(tmp_path, capsys):
     res, out = tmp_path / "results", tmp_path / "docs"
-    (res / "cse").mkdir(parents=True)
+    (res / "cse-epoch").mkdir(parents=True)
     for name, rec in {**RECORDS, "sts-smollm2-eol-icl": RECORDS["sts-tiny"], "icl-smollm2-135m": ICL}.items():
         (res / f"{name}.json").write_text(json.dumps(rec))
-    (res / "cse" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in LOG) + "\n")
+    (res / "cse-epoch" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in LOG) + "\n")
     assert figures.cli(figures.main, ["--results", str(res), "--out", str(out)]) == 0
     for name in ["sts_per_task", "icl_rounds", "training", "scaling"]:
         assert_png(out / f"{name}.png")
-    (res / "cse" / "log.jsonl").unlink()
+    (res / "cse-epoch" / "log.jsonl").unlink()
     assert figures.cli(figures.main, ["--results", str(res), "--out", str(out)]) == 1
-    assert f"error: no {res / 'cse' / 'log.jsonl'}: run the step" in capsys.readouterr().err
+    assert f"error: no {res / 'cse-epoch' / 'log.jsonl'}: run the step" in capsys.readouterr().err
     assert figures.cli(figures.main, ["--results", str(tmp_path / "none"), "--out", str(out)]) == 1
     assert f"error: no folder {tmp_path / 'none'}: pass --results" in capsys.readouterr().err
