@@ -294,8 +294,8 @@ def train(run):
     if rank == 0:
         lora.save_adapter(run.model, out / "final", M.ALIASES.get(a.model, a.model))
         log({"event": "done", **vars(run.pos)})
-        print(f"done: {run.pos.step} steps -> {out / 'final'}\nevaluate: python evaluate.py --model {a.model}"
-              f"{' --bits ' + a.bits if a.bits != 'none' else ''} --demonstration none --adapter {out / 'final'}")
+        print(f"done: {run.pos.step} steps -> {out / 'final'}\nevaluate: python evaluate.py --model {a.model} "
+              f"--demonstration none --adapter {out / 'final'}")   # the paper tests on the unquantized base
 
 
 # ----------------------------------------------------------------------------- CLI
