@@ -44,7 +44,7 @@ class Config:
     attention_bias: bool = False     # q/k/v projections: OPT enable_bias, Qwen2 always
     output_bias: bool = False        # o_proj / out_proj: OPT enable_bias, never in Qwen2
     mlp_bias: bool = False
-    sliding_window: int | None = None    # Mistral: keys further back than this are hidden
+    sliding_window: int | None = None    # Mistral, some Qwen2 layers: keys further back than this are hidden
     pre_norm: bool = True                # OPT do_layer_norm_before; opt-350m is post-LN
     word_embed_proj_dim: int = 0         # OPT: embedding width; opt-350m projects 512 <-> 1024 (project_in/out)
     pad_token_id: int | None = None
@@ -74,7 +74,8 @@ class Config:
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"unsupported rope scaling {rope} (only plain RoPE)")
-        window = cfg.get("sliding_window") if t == "mistral" or cfg.get("use_sliding_window") else None
+        windowed = cfg.get("use_sliding_window") and cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"]
+        window = cfg.get("sliding_window") if t == "mistral" or windowed else None  # Qwen2: layers >= max_window_layers
         return Config(**shared, intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                       num_key_value_heads=cfg.get("num_key_value_heads") or nh, head_dim=cfg.get("head_dim") or h // nh,
                       max_position_embeddings=cfg.get("max_position_embeddings", 2048), sliding_window=window,

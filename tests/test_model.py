@@ -168,6 +168,18 @@ def test_sliding_window_past_it_is_an_error(tmp_path):    # below it, parity abo
         ours(torch.ones(2, 8, dtype=torch.long), past=past)
 
 
+def test_qwen2_windows_only_layers_from_max_window_layers(tmp_path):
+    cfg = dict(QWEN2, use_sliding_window=True, sliding_window=8, max_window_layers=2)   # no layer is windowed
+    ref = hf_model(cfg)
+    save(ref, tmp_path)
+    ours, _ = M.load(str(tmp_path))
+    _, ids, mask = batch([12, 5])                                       # longer than the window: full attention
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask)[mask.bool()], ref_hidden(cfg, ref, ids, mask)[mask.bool()],
+                                   atol=1e-5, rtol=0)
+    assert M.Config.from_hf(dict(cfg, max_window_layers=1)).sliding_window == 8    # layer 1 is: refused past it
+
+
 def test_default_dtype(monkeypatch):
     assert M.default_dtype("cuda") == torch.bfloat16
     for avx512_bf16, amx, want in ((False, False, torch.float32), (True, False, torch.bfloat16),
