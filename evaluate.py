@@ -314,10 +314,11 @@ def tables(rows) -> str:
         avg = len(names) == len(group) > 1
         if not names:
             continue
-        lines += ["", title, " " * width + "".join(f" {TITLES[n]:>7}" for n in names) + "    Avg." * avg]
+        ws = [max(7, len(TITLES[n])) for n in names] + [7] * avg                   # a column fits its title
+        lines += ["", title, " " * width + "".join(f" {TITLES[n]:>{w}}" for n, w in zip(names, ws)) + "    Avg." * avg]
         for model, results in rows:
             vals = [100 * results[n]["score"] for n in names]
-            lines.append(f"{model:<{width}}" + "".join(f" {v:7.2f}" for v in vals + [np.mean(vals)] * avg))
+            lines.append(f"{model:<{width}}" + "".join(f" {v:{w}.2f}" for v, w in zip(vals + [np.mean(vals)], ws)))
     return "\n".join(lines).strip()
 
 

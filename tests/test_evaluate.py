@@ -383,6 +383,7 @@ def test_tables_use_the_paper_layout():
     assert "     STS12   STS13   STS14   STS15   STS16   STS-B  SICK-R    Avg.\na    " in text
     assert "Transfer, accuracy\n        MR      CR\na    80.00   80.00\nbb   80.00   80.00" in text
     assert text.count("Avg.") == 1
+    assert ev.tables([("a", {"stsb-dev": {"score": 0.7767}})]) == "STS-B dev\n  STS-B dev\na     77.67"  # fits its title
 
 
 # ---------------------------------------------------------------- bench/st_baseline.py
