@@ -49,14 +49,15 @@ def preprocess(s: str) -> str:
     return s
 
 
-def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_tokens: int | None = None):
+def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_tokens: int | None = None, clean=True):
     """-> (prompt text, was the sentence cut?). With max_tokens the sentence is cut before templating, so the
-    template's end is never cut; evaluation keeps the whole sentence, as the paper does."""
+    template's end is never cut; evaluation keeps the whole sentence, as the paper does. `clean`: `preprocess` it,
+    as the reference's evaluation does (its training does not)."""
     ids = tok.encode(sentence, bos=False) if max_tokens else []
     cut = len(ids) > (max_tokens or 0)
     if cut:
         sentence = tok.decode(ids[:max_tokens])
-    if template != "none":
+    if template != "none" and clean:
         sentence = preprocess(sentence)
     return demo_text + TEMPLATES[template].replace("{sentence}", sentence), cut
 

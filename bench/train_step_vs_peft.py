@@ -105,7 +105,7 @@ def main(argv=None):
     (opt, size), (ref_opt, ref_size) = adamw(model, 5e-4), adamw(peft, 5e-4)
     if (n_lora, size) != (n_peft, ref_size):
         raise UserError(f"the adapters differ: ours {n_lora} layers, {size} weights; PEFT's {n_peft}, {ref_size}")
-    seqs = [tok.encode(render(tok, s, "eol", "", a.max_tokens)[0]) for t in triplets for s in t]
+    seqs = [tok.encode(render(tok, s, "eol", "", a.max_tokens, clean=False)[0]) for t in triplets for s in t]
     ids, mask = tok.pad(seqs)                                               # (3N, T), left padding
     chunks = T.make_chunks(tok, seqs, a.chunk_size, torch.device("cpu"))
     print(f"{a.model}, 4-bit NF4 base computing in {a.dtype}, LoRA r=64 on {n_lora} linears ({size:,} weights), "

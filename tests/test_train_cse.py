@@ -315,6 +315,9 @@ def test_training_embeddings_are_inferences(tiny):
     got = torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _, _ in chunks]))]
     torch.testing.assert_close(got, prompteol(e.model, e.tok, sents, max_tokens=8), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, torch.from_numpy(e.encode(sents)), atol=1e-5, rtol=1e-5)
+    # training's prompts skip evaluation's clean-up, as the reference's training does
+    assert [render(e.tok, s, "eol", clean=False)[0] for s in sents[:2]] == [
+        'This sentence : "A man plays a guitar" means in one word:"', 'This sentence : "He said "hi"?" means in one word:"']
 
 
 def test_every_flag_and_the_parser_have_help():
