@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05, targets="all-linear", dtype=torch.float32):
-    """Wrap the targeted linears in LoRALinear: "all-linear" (those of the decoder blocks), a regex, or
+    """Wrap the targeted linears in LoRALinear: "all-linear" (every one but the LM head), a regex, or
     name suffixes such as ["q_proj", "v_proj"]. Returns the model; see mark_only_lora_trainable."""
     names = _linears(model)
     for t in [targets] if isinstance(targets, str) else targets:
@@ -94,8 +94,8 @@ def _linears(model) -> list[str]:
 
 def _peft_match(names, targets) -> list[str]:
     """PEFT's target_modules rule: "all-linear", a regex (str, full match), or names / name suffixes."""
-    if targets == "all-linear":                 # every linear of the blocks (PEFT: all but the LM head)
-        return [n for n in names if ".layers." in n]
+    if targets == "all-linear":                 # as PEFT: every linear but the LM head (opt-350m: project_in/out too)
+        return [n for n in names if n != "lm_head"]
     if isinstance(targets, str):
         return [n for n in names if re.fullmatch(targets, n)]
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]

@@ -337,7 +337,7 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
-    """-> (Decoder in eval mode, Tokenizer); bits=4/8 quantizes block linears; a base checkpoint has lm_head None."""
+    """-> (Decoder in eval mode, Tokenizer); bits=4/8 quantizes linears but the head; base checkpoint: lm_head None."""
     if bits not in (None, 4, 8):
         raise UserError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
     path = resolve(name_or_path)
@@ -371,8 +371,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
         mod_name, _, pname = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         setattr(mod, pname, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-        block_linear = isinstance(mod, nn.Linear) and ".layers." in mod_name  # QLoRA: not embeddings, norms, head
-        if bits in (4, 8) and block_linear and not any(p.is_meta for p in mod.parameters()):  # weight, bias read
+        body_linear = isinstance(mod, nn.Linear) and mod_name != "lm_head"   # QLoRA: not embeddings, norms, head
+        if bits in (4, 8) and body_linear and not any(p.is_meta for p in mod.parameters()):  # weight, bias read
             model.set_submodule(mod_name, quantize(mod, bits, dtype, device))
     missing = sorted(set(expected) - seen - {"lm_head.weight"})
     if missing or unexpected or misshaped:

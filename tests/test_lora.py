@@ -111,6 +111,18 @@ def test_4bit_merge_needs_dequantize(ckpt):
     assert torch.nn.functional.cosine_similarity(after, before, dim=-1).min() > 0.999
 
 
+def test_all_linear_and_4bit_take_opt350ms_projections(tmp_path):   # as PEFT and transformers' 4-bit loading do
+    import bitsandbytes as bnb
+    cfg = dict(OPT, hidden_size=128, word_embed_proj_dim=64, do_layer_norm_before=False)   # opt-350m-like
+    save(hf_model(cfg), tmp_path)
+    ref = peft.get_peft_model(hf_model(cfg), peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    want = {n.removeprefix("base_model.model.") for n, mod in ref.named_modules() if hasattr(mod, "lora_A")}
+    m = L.add_lora(M.load(str(tmp_path), bits=4)[0], r=4)
+    assert set(L._lora_layers(m)) == want and {"model.decoder.project_in", "model.decoder.project_out"} <= want
+    assert isinstance(L._lora_layers(m)["model.decoder.project_in"].base_layer, bnb.nn.Linear4bit)
+    assert m(IDS, MASK).isfinite().all()
+
+
 # ----------------------------------------------------------------------------- PEFT parity and files
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_peft_parity_both_ways(ckpt, name, tmp_path):
