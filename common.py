@@ -107,7 +107,7 @@ def embedder_flags(p):
     a("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     a("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPUs and bf16 CPUs, else float32")
-    a("--bits", type=int, choices=[4, 8], help="quantize the decoder blocks' linears to 4 or 8 bits (bitsandbytes)")
+    a("--bits", type=int, choices=[4, 8], help="quantize the linears but the LM head to 4 or 8 bits (bitsandbytes)")
 
 
 def device(name=None):

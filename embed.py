@@ -50,9 +50,8 @@ def preprocess(s: str) -> str:
 
 
 def render(tok, sentence: str, template: str = "eol", demo_text: str = "", max_tokens: int | None = None, clean=True):
-    """-> (prompt text, was the sentence cut?). With max_tokens the sentence is cut before templating, so the
-    template's end is never cut; evaluation keeps the whole sentence, as the paper does. `clean`: `preprocess` it,
-    as the reference's evaluation does (its training does not)."""
+    """-> (prompt text, cut?). max_tokens cuts the sentence before templating, never the template's end (evaluation:
+    no cut, as in the paper); clean: `preprocess` it, as the reference's evaluation does (its training does not)."""
     ids = tok.encode(sentence, bos=False) if max_tokens else []
     cut = len(ids) > (max_tokens or 0)
     if cut:
@@ -73,8 +72,9 @@ def prompteol(model, tok, sentences, demonstrations=(), max_tokens=None) -> torc
 
 
 def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
-    """The demonstration each alias uses unless told otherwise (data/demonstrations.json)."""
-    d = json.loads(DEFAULTS_FILE.read_text()).get(model_name) if DEFAULTS_FILE.exists() else None
+    """The demonstration each alias (or its hub id) uses unless told otherwise (data/demonstrations.json)."""
+    table = json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
+    d = table.get(model_name) or table.get(next((k for k, v in M.ALIASES.items() if v == model_name), None))
     return [(d["sentence"], d["word"])] if d else []
 
 

@@ -311,14 +311,13 @@ def tables(rows) -> str:
     width, lines = max(len(name) for name, _ in rows), []
     for title, group in (("STS, Spearman x100", STS), ("Transfer, accuracy", TRANSFER), ("STS-B dev", ["stsb-dev"])):
         names = [n for n in group if n in rows[0][1]]
-        avg = len(names) == len(group) > 1
         if not names:
             continue
-        ws = [max(7, len(TITLES[n])) for n in names] + [7] * avg                   # a column fits its title
+        avg, ws = len(names) == len(group) > 1, [max(7, len(TITLES[n])) for n in names] + [7]  # column >= its title
         lines += ["", title, " " * width + "".join(f" {TITLES[n]:>{w}}" for n, w in zip(names, ws)) + "    Avg." * avg]
         for model, results in rows:
-            vals = [100 * results[n]["score"] for n in names]
-            lines.append(f"{model:<{width}}" + "".join(f" {v:{w}.2f}" for v, w in zip(vals + [np.mean(vals)], ws)))
+            xs = [100 * results[n]["score"] for n in names]
+            lines.append(f"{model:<{width}}" + "".join(f" {x:{w}.2f}" for x, w in zip(xs + [np.mean(xs)] * avg, ws)))
     return "\n".join(lines).strip()
 
 

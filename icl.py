@@ -3,9 +3,9 @@
 
 Jiang et al. 2023 put one demonstration (`This sentence : "A jockey riding a horse." means in one word:"Equestrian".`)
 before the template: of 300 candidates, the best by STS-B dev Spearman (their Table 8). That search comes first;
-then the extensions: successive halving (the same winner, far fewer encodings), WordNet and self-labelled candidates.
+then extensions: successive halving (fewer encodings; may miss brute force's winner), WordNet, self-labelled ones.
 
-    python icl.py search --model smollm2-135m --write-default      # the paper's 300 (--rounds 1: brute force)
+    python icl.py search --model smollm2-135m --write-default      # the paper's 300, halving; --rounds 1: as the paper
     python icl.py candidates --source wordnet --output runs/cand-wordnet.jsonl
     python icl.py candidates --source self --model smollm2-135m --output runs/cand-self.jsonl
     python icl.py search --model smollm2-135m --candidates runs/cand-*.jsonl

@@ -118,7 +118,6 @@ def train_step(run) -> dict:
     order = np.random.default_rng([a.seed, epoch]).permutation(len(run.triplets))   # an epoch's order is fixed
     B, b = a.batch_size, a.batch_size // world
     mine = order[k * B:(k + 1) * B][rank * b:(rank + 1) * b]  # this rank's share of the global batch
-    # [(text, cut?)]: the reference trains on the sentences as they are, without evaluation's clean-up
     prompts = [render(run.tok, s, "eol", "", a.max_tokens, clean=False) for i in mine for s in run.triplets[i]]
     chunks = make_chunks(run.tok, [run.tok.encode(text) for text, _ in prompts], a.chunk_size, run.device)
     t0 = time.perf_counter()

@@ -135,6 +135,12 @@ def test_fingerprint_keeps_the_keys_existing_caches_are_named_by(tiny_llama):
     assert fp["dtype"] == "torch.float32" and fp["demonstrations"] == [list(DEMO[0])] and fp["version"] == 2
 
 
+def test_default_demonstration_follows_the_alias_or_its_hub_id():   # the paper's Table 8 pick for OPT-2.7B
+    jockey = [("A jockey riding a horse.", "Equestrian")]
+    assert E.default_demonstrations("opt-2.7b") == E.default_demonstrations("facebook/opt-2.7b") == jockey
+    assert E.default_demonstrations("someone/model") == []
+
+
 def test_default_demonstration_is_the_aliases_own_but_not_with_an_adapter(tiny, monkeypatch):
     monkeypatch.setattr(E, "default_demonstrations", lambda name: [("A man is smoking.", "Smoking")])
     assert embedder(tiny).demonstrations == [("A man is smoking.", "Smoking")]
