@@ -170,7 +170,7 @@ def fingerprint(weights, adapter=None, **settings) -> dict:
     trained = sorted(Path(adapter).glob("adapter_model.*")) if adapter and Path(adapter).is_dir() else []
     trained_sha = hashlib.sha256(b"".join(f.read_bytes() for f in trained)).hexdigest() if trained else None
     return dict(settings, weights=hashlib.sha256(repr(stats).encode()).hexdigest()[:16], adapter=adapter,
-                adapter_sha256=trained_sha, version=2)
+                adapter_sha256=trained_sha, version=3)
 
 
 def fingerprint_key(fingerprint) -> str:

@@ -39,11 +39,11 @@ DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"
 
 
 def preprocess(s: str) -> str:
-    """The reference code's clean-up before templating (kongds/scaling_sentemb evaluation):
-    end with punctuation, no double quotes inside the quoted slot, a final ? becomes ."""
+    """The reference code's clean-up before templating (kongds/scaling_sentemb evaluation): end with punctuation,
+    no double quotes inside the quoted slot, a final ? becomes . (Outer whitespace goes first; benchmarks have none.)"""
+    s = s.strip().replace('"', "'")      # before the check: a final " counts as punctuation either way
     if s and s[-1] not in '.?"\'':
         s += "."
-    s = s.replace('"', "'")
     if s and s[-1] == "?":
         s = s[:-1] + "."
     return s

@@ -45,7 +45,8 @@ def test_reference_preprocessing():
     assert E.preprocess("A man plays") == "A man plays."
     assert E.preprocess("Is it?") == "Is it."
     assert E.preprocess('He said "hi"') == "He said 'hi'"      # ends in a quote: no period, quotes swapped
-    assert E.preprocess("ok.") == "ok." and E.preprocess("") == ""
+    assert E.preprocess("ok.") == "ok." and E.preprocess("") == "" and E.preprocess("  ") == ""
+    assert E.preprocess(" A man plays \n") == "A man plays." and E.preprocess('"hi" ') == "'hi'"
 
 
 @pytest.mark.parametrize("demos,max_tokens", [([], None), (DEMO, None), (DEMO, 3)])
@@ -132,7 +133,7 @@ def test_fingerprint_keeps_the_keys_existing_caches_are_named_by(tiny_llama):
     fp = embedder(tiny_llama, demonstrations=DEMO).fingerprint
     assert sorted(fp) == ["adapter", "adapter_sha256", "bits", "demonstrations", "dtype", "max_tokens", "model",
                           "pooling", "template", "version", "weights"]
-    assert fp["dtype"] == "torch.float32" and fp["demonstrations"] == [list(DEMO[0])] and fp["version"] == 2
+    assert fp["dtype"] == "torch.float32" and fp["demonstrations"] == [list(DEMO[0])] and fp["version"] == 3
 
 
 def test_default_demonstration_follows_the_alias_or_its_hub_id():   # the paper's Table 8 pick for OPT-2.7B
