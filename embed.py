@@ -41,8 +41,8 @@ DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"
 def preprocess(s: str) -> str:
     """The reference code's clean-up before templating (kongds/scaling_sentemb evaluation): end with punctuation,
     no double quotes inside the quoted slot, a final ? becomes . (Outer whitespace goes first; benchmarks have none.)"""
-    s = s.strip().replace('"', "'")      # before the check: a final " counts as punctuation either way
-    if s and s[-1] not in '.?"\'':
+    s = s.strip().replace('"', "'")      # first: a final " is now ', which the reference also counts as an ending
+    if s and s[-1] not in ".?'":
         s += "."
     if s and s[-1] == "?":
         s = s[:-1] + "."
