@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-import common  # before torch: it sets OpenMP's waiting policy
-import torch
-from common import UserError, atomic, fingerprint, parse_demonstrations
+from support.cli import UserError, cli, device, embedder_flags, parse_demonstrations, writable
+import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 from tqdm import tqdm
 
-import corpus
 import model as M
+from support import corpus, hub
+from support.cache import fingerprint
+from support.files import atomic
 
 # The sentence goes where {sentence} is; the template and the pooling are separate choices.
 TEMPLATES = {
@@ -74,14 +75,14 @@ def prompteol(model, tok, sentences, demonstrations=(), max_tokens=None) -> torc
 def default_demonstrations(model_name: str) -> list[tuple[str, str]]:
     """The demonstration each alias (or its hub id) uses unless told otherwise (data/demonstrations.json)."""
     table = json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
-    d = table.get(model_name) or table.get(next((k for k, v in M.ALIASES.items() if v == model_name), None))
+    d = table.get(model_name) or table.get(next((k for k, v in hub.ALIASES.items() if v == model_name), None))
     return [(d["sentence"], d["word"])] if d else []
 
 
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order."""
 
-    def __init__(self, model: str = M.DEFAULT_MODEL, template: str = "eol", pooling: str = "last",
+    def __init__(self, model: str = hub.DEFAULT_MODEL, template: str = "eol", pooling: str = "last",
                  demonstrations="default", max_tokens: int | None = None, batch_size: int = 64, device=None,
                  dtype=None, bits=None, adapter: str | None = None):
         if template not in TEMPLATES or pooling not in POOLINGS:
@@ -93,7 +94,7 @@ class Embedder:
         if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
             raise UserError("max_tokens and batch_size must be positive")
         self.template, self.pooling, self.max_tokens, self.batch_size = template, pooling, max_tokens, batch_size
-        self.model, self.tok = M.load(model, dtype=dtype, device=device, bits=bits)
+        self.model, self.tok = M.load(hub.resolve(model), dtype=dtype, device=device, bits=bits)
         if adapter:
             import lora
             lora.load_adapter(self.model, adapter)
@@ -209,7 +210,7 @@ def check_output(path: str | None, quick: bool):
         raise UserError("no --output: pass --output FILE (.npy, .safetensors or .jsonl) to keep the embeddings")
     if Path(path).suffix not in (".npy", ".safetensors", ".jsonl"):
         raise UserError(f"--output {path}: use a .npy, .safetensors or .jsonl file name")
-    common.writable("--output", path)
+    writable("--output", path)
 
 
 def write_output(path: str, sentences, emb: np.ndarray):
@@ -232,23 +233,23 @@ def write_output(path: str, sentences, emb: np.ndarray):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="PromptEOL sentence embeddings from a decoder LLM.")
     ap.add_argument("sentences", nargs="*", help="quick mode: embed these and print their cosine similarities")
-    ap.add_argument("--model", default=M.DEFAULT_MODEL,
-                    help=f"alias ({', '.join(M.ALIASES)}), local directory or hub id (default: %(default)s)")
+    ap.add_argument("--model", default=hub.DEFAULT_MODEL,
+                    help=f"alias ({', '.join(hub.ALIASES)}), local directory or hub id (default: %(default)s)")
     ap.add_argument("--input", help="file with one sentence per line (default: stdin); empty lines stay rows")
     ap.add_argument("--output", help=".npy, .safetensors or .jsonl file for the embeddings, in input order")
-    common.embedder_flags(ap)
+    embedder_flags(ap)
     ap.set_defaults(template="eol", pooling="last")
     ap.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     args = ap.parse_args(argv)
     stream = bool(args.input and args.output and not args.sentences)   # a corpus of any size: corpus.py
-    device = corpus.setup(args) if stream else common.device(args.device)
-    M.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
+    dev = corpus.setup(args) if stream else device(args.device)
+    hub.resolve(args.model)  # an unknown model fails now, before reading input or loading weights
     if not (args.sentences or args.input) and sys.stdin.isatty():
         raise UserError("no input: pass sentences as arguments, --input FILE, or pipe them on stdin")
     check_output(args.output, quick=bool(args.sentences))
     emb = Embedder(args.model, template=args.template, pooling=args.pooling, max_tokens=args.max_tokens,
                    demonstrations=parse_demonstrations(args.demonstration), batch_size=args.batch_size,
-                   device=device, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
+                   device=dev, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
     if stream:
         return corpus.run(emb, args)
     sentences = args.sentences or read_stdin()
@@ -269,4 +270,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     kept = "nothing was written (an existing --output file is untouched)"
-    sys.exit(common.cli(main, interrupted=lambda: corpus.kept or kept))
+    sys.exit(cli(main, interrupted=lambda: corpus.kept or kept))

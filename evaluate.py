@@ -20,8 +20,11 @@ from collections import namedtuple
 
 import numpy as np
 
-from common import (DOWNLOAD_HINT, REPO, CachedEncoder, UserError, cli, data_dir, device, embedder_flags,
-                    parse_demonstrations, provenance, writable, write_atomic)
+from support.cache import CachedEncoder
+from support.cli import (DOWNLOAD_HINT, REPO, UserError, cli, data_dir, device, embedder_flags,
+                         parse_demonstrations, writable)
+from support.files import write_atomic
+from support.provenance import provenance
 
 
 # ----------------------------------------------------------------------------- loading
@@ -353,7 +356,6 @@ def parser():
     embedder_flags(p)
     p.add_argument("--tasks", default="sts", help="sts (default), transfer, all, or names: " + ",".join(TITLES))
     p.add_argument("--kfold", type=int, default=10, help="transfer CV folds (default 10, the paper's; SentEval's is 5)")
-    p.add_argument("--data-dir", help="data folder with sts/ and transfer/ (default: $SENTEMB_DATA, else ./data)")
     p.add_argument("--output", help="JSON results file (default: runs/eval-<time>.json; creates runs/ if missing)")
     p.add_argument("--plot", metavar="PNG", help="also draw average STS against parameter count, with the paper's")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import evaluate as ev
-from common import (CachedEncoder, UserError, cli, data_dir, device, parse_demonstrations, provenance, writable,
-                    write_atomic)
+from support.cache import CachedEncoder
+from support.cli import UserError, cli, data_dir, device, parse_demonstrations, writable
+from support.files import write_atomic
+from support.provenance import provenance
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "data" / "demonstrations.json"   # embed.py's defaults
 KEPT = "no output written; a re-run resumes from the embedding cache (unless --no-cache)"   # what Ctrl-C leaves

@@ -19,8 +19,10 @@ import math
 import re
 from pathlib import Path
 
-from common import UserError, atomic, hub_snapshot   # first: it sets OpenMP's waiting policy before torch loads
-import torch
+from support.cli import UserError
+import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
+from support.files import atomic
+from support.hub import hub_snapshot
 from torch import nn
 
 FILES = CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"

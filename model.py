@@ -1,30 +1,30 @@
-"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) checkpoints: final hidden states, a key/value
-cache for a shared prompt prefix, the LM head. Hugging Face module names, so checkpoints and PEFT adapters map by name.
+"""A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) checkpoints: final hidden
+states, a key/value cache for a shared prompt prefix, the LM head. Hugging Face module names, so
+checkpoints and PEFT adapters map by name. It reads a local Hugging Face directory and imports only torch,
+safetensors and tokenizers (bitsandbytes to quantize), so it can be copied out alone.
 
-    model, tok = load("smollm2-135m")
+    model, tok = load("path/to/opt-125m")           # support.hub.resolve turns aliases, hub ids into one
     ids, mask = tok.pad([tok.encode("A man plays a guitar.")])
     hidden = model(ids, mask)                       # (B, T, H)
 """
 from __future__ import annotations
 
 import json
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import common  # before torch: it sets OpenMP's waiting policy
 import torch
 import torch.nn.functional as F
-from common import UserError
 from torch import nn
 
-# The paper evaluates OPT 125M..66B and LLaMA-1 7B..30B; e5-mistral, gte-Qwen2 and LLM2Vec build on the others.
-ALIASES = {**{f"opt-{s}": f"facebook/opt-{s}" for s in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
-           "llama-7b": "huggyllama/llama-7b", "llama-13b": "huggyllama/llama-13b", "llama-30b": "huggyllama/llama-30b",
-           "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
-           "mistral-7b": "mistralai/Mistral-7B-v0.1", "qwen2-0.5b": "Qwen/Qwen2-0.5B", "qwen2-1.5b": "Qwen/Qwen2-1.5B",
-           "qwen2-7b": "Qwen/Qwen2-7B", "smollm2-135m": None}  # offline default: converted from a PyPI wheel
-DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(ValueError):
+    """A model directory or an input this decoder cannot use. model.py imports nothing of sentemb's, so it
+    has its own error type; the command-line tools print it as one line, as their own."""
+
+    user_error = True
 
 
 @dataclass
@@ -56,10 +56,10 @@ class Config:
         """A Hugging Face config.json (as a dict) -> Config. A missing required key raises KeyError."""
         t = cfg.get("model_type")
         if t not in ("opt", "llama", "mistral", "qwen2"):
-            raise UserError(f"unsupported model_type {t!r}: sentemb supports opt, llama, mistral and qwen2")
+            raise ModelError(f"unsupported model_type {t!r}: sentemb supports opt, llama, mistral and qwen2")
         act = cfg.get("activation_function", "relu") if t == "opt" else cfg.get("hidden_act", "silu")
         if act != ("relu" if t == "opt" else "silu"):
-            raise UserError(f"unsupported {t} activation {act!r} (only {'relu' if t == 'opt' else 'silu'})")
+            raise ModelError(f"unsupported {t} activation {act!r} (only {'relu' if t == 'opt' else 'silu'})")
         h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
         specials = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2) if t == "opt" else {}
         shared = dict(model_type=t, vocab_size=cfg["vocab_size"], hidden_size=h,
@@ -73,7 +73,7 @@ class Config:
                           output_bias=bias, mlp_bias=bias, pre_norm=cfg.get("do_layer_norm_before", True))
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"unsupported rope scaling {rope} (only plain RoPE)")
+            raise ModelError(f"unsupported rope scaling {rope} (only plain RoPE)")
         windowed = cfg.get("use_sliding_window") and cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"]
         window = cfg.get("sliding_window") if t == "mistral" or windowed else None  # Qwen2: layers >= max_window_layers
         return Config(**shared, intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -163,7 +163,7 @@ class OPTDecoder(nn.Module):
 
     def forward(self, input_ids, mask, pos, past):
         if mask.shape[-1] > self.max_positions:     # learned positions end; rotary ones don't
-            raise UserError(f"sequence of {mask.shape[-1]} tokens exceeds the model's {self.max_positions} positions")
+            raise ModelError(f"sequence of {mask.shape[-1]} tokens exceeds the model's {self.max_positions} positions")
         x = self.project_in(self.embed_tokens(input_ids))    # (B, T, E) -> (B, T, H); E = 512 in opt-350m, else H
         x = x + self.embed_positions(pos + 2)                # OPT's learned positions start at 2 (fairseq legacy)
         presents = []
@@ -201,7 +201,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, mask, pos, past):
         c = self.c
         if c.sliding_window and mask.shape[-1] > c.sliding_window:    # below it, the window hides nothing
-            raise UserError(f"sequence of {mask.shape[-1]} tokens exceeds this model's {c.sliding_window}-token "
+            raise ModelError(f"sequence of {mask.shape[-1]} tokens exceeds this model's {c.sliding_window}-token "
                             f"sliding window (sentemb implements attention within the window only)")
         x = self.embed_tokens(input_ids)                                          # (B, T, H)
         inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=x.device).float() / c.head_dim)
@@ -246,7 +246,7 @@ class Decoder(nn.Module):
 
     def lm_logits(self, hidden):                             # (B, T, H) -> (B, T, V)
         if self.lm_head is None:
-            raise UserError(f"{self.source} has no LM head (a base-model checkpoint): it embeds, but cannot predict")
+            raise ModelError(f"{self.source} has no LM head (a base-model checkpoint): it embeds, but cannot predict")
         return self.lm_head(hidden)
 
 
@@ -286,28 +286,9 @@ def load_tokenizer(path: Path, c: Config) -> Tokenizer:
         tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>") if tok.token_to_id(t) is not None])
         add_bos, bos = tcfg.get("add_bos_token", True), c.bos_token_id   # OPT prepends </s> (id 2)
     else:
-        raise UserError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt")
+        raise ModelError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + merges.txt")
     pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
     return Tokenizer(tok, bos if add_bos else None, pad, c.eos_token_id)
-
-
-def resolve(name: str) -> Path:
-    """Alias, local directory or hub id -> a local directory with config.json."""
-    if Path(name).is_dir():
-        return Path(name)
-    if name in ALIASES:
-        if ALIASES[name] is None:
-            import convert_gguf
-            return convert_gguf.smollm2_dir()
-        name = ALIASES[name]
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
-        raise UserError(f"unknown model {name!r}: not a local directory, an alias ({', '.join(ALIASES)}) "
-                        f"or a Hugging Face repo id (owner/name)")
-    meta = ["*.json", "*.txt", "tokenizer.model"]   # weights named as transformers names them: not consolidated.*
-    path = common.hub_snapshot(name, meta + ["model*.safetensors"])
-    if not any(path.glob("model*.safetensors")):    # repos that ship only pickles: .bin, read weights_only
-        path = common.hub_snapshot(name, meta + ["pytorch_model*.bin"])
-    return path
 
 
 def read_checkpoint(path: Path):
@@ -318,41 +299,61 @@ def read_checkpoint(path: Path):
     files = [path / f for f in sorted(shards)] or sorted(path.glob("*.safetensors"))
     bins = [] if files else sorted(p for p in path.glob("*.bin") if not p.name.startswith("training_args"))
     if not files and not bins:
-        raise UserError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
+        raise ModelError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 yield from ((k, sf.get_tensor(k)) for k in sf.keys())
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{f} is corrupt or truncated ({e}): replace it with a good copy (the converted default "
+            raise ModelError(f"{f} is corrupt or truncated ({e}): replace it with a good copy (the converted default "
                             f"model: delete its folder, and the next run converts it again)") from None
     for f in bins:  # pickles are never unpickled beyond plain tensors
         yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
 
 
 def default_dtype(device) -> torch.dtype:
-    """bfloat16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); float32 where bf16 is emulated (slower)."""
-    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.bfloat16 if torch.device(device).type == "cuda" or any(native) else torch.float32
+    """$SENTEMB_DTYPE if set; else bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), float32
+    where bf16 is emulated (slower)."""
+    forced = os.environ.get("SENTEMB_DTYPE")
+    if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            raise ModelError(f"SENTEMB_DTYPE={forced}: use float32, bfloat16 or float16")
+        return getattr(torch, forced)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = [getattr(torch.cpu, check, lambda: False)() for check in checks]
+    return torch.bfloat16 if any(native) else torch.float32
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
-    """-> (Decoder in eval mode, Tokenizer); bits=4/8 quantizes linears but the head; base checkpoint: lm_head None."""
-    if bits not in (None, 4, 8):
-        raise UserError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
-    path = resolve(name_or_path)
+def read_config(path: Path) -> Config:
+    """path/config.json -> Config; a missing, broken or incomplete file is a ModelError."""
     file = path / "config.json"
     try:
         cfg = json.loads(file.read_text())
-        c = Config.from_hf(cfg)
     except FileNotFoundError:
-        raise UserError(f"{path} has no config.json: not a Hugging Face model directory") from None
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e}): replace it with a good copy") from None
+        raise ModelError(f"{file} is not valid JSON ({e}): replace it with a good copy") from None
+    try:
+        return Config.from_hf(cfg)
     except KeyError as e:
-        raise UserError(f"{file} has no {e.args[0]!r}: not a complete {cfg['model_type']} config") from None
-    device = common.device(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
+        raise ModelError(f"{file} has no {e.args[0]!r}: not a complete {cfg['model_type']} config") from None
+
+
+def load(path, dtype=None, device=None, bits=None):
+    """A local Hugging Face directory -> (Decoder in eval mode, Tokenizer). bits=4/8 quantizes the linears
+    but the head (QLoRA's base); a base-model checkpoint (no LM head, untied) gets lm_head None."""
+    if bits not in (None, 4, 8):
+        raise ModelError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such directory")
+    c = read_config(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
     with torch.device("meta"):   # no memory until a checkpoint tensor is assigned
         model = Decoder(c, path)
     tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
@@ -378,7 +379,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None, bits=None):
     if missing or unexpected or misshaped:
         parts = [f"{len(v)} {k}: {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
                  for k, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if v]
-        raise UserError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
+        raise ModelError(f"checkpoint {path} does not match its config.json: " + "; ".join(parts))
     if c.tie_word_embeddings:
         model.lm_head.weight = model.embeddings().weight
     elif "lm_head.weight" not in seen:

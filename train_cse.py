@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import common  # before torch: it sets OpenMP's waiting policy
+from support.cli import UserError, cli, data_dir, device
 import numpy as np
-import torch
+import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import UserError
 
 import lora
 import model as M
 from embed import prompteol, render
+from support import hub
+from support.files import atomic, write_atomic
+from support.provenance import git_commit
 
 COLUMNS = ("sent0", "sent1", "hard_neg")            # SimCSE's nli_for_simcse.csv header
 RECIPE = ("model", "adapter", "bits", "dtype", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
@@ -166,19 +168,19 @@ def read_triplets(path) -> tuple[list, list, str]:
 # ----------------------------------------------------------------------------- the run and its checkpoints
 def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> SimpleNamespace:
     """-> the run: processes, data, the model with LoRA, optimizer, schedule, position; fresh or as `ckpt` left them."""
-    device, out = common.device(args.device), Path(args.output)
+    dev, out = device(args.device), Path(args.output)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:                                     # under torchrun: gloo on CPUs, else NCCL with a GPU per rank
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if not state and ((out / "latest").exists() or (out / "final").exists()):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --output")
     if args.eval_every:                                           # STS-B dev must be there before hours of training
-        common.data_dir(args.data_dir)
+        data_dir(args.data_dir)
     if not args.data:                                 # SimCSE's full file if it was downloaded, else the partial one
-        full = common.data_dir(args.data_dir, need="nli") / "nli" / "nli_for_simcse.csv"
+        full = data_dir(args.data_dir, need="nli") / "nli" / "nli_for_simcse.csv"
         args.data = str(full if full.exists() else full.with_name("nli_triplets_partial.csv"))
     triplets, bad, sha = read_triplets(args.data)
     if state and (state["data_sha256"], state["world_size"]) != (sha, world):
@@ -189,10 +191,10 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     steps_per_epoch = len(triplets) // args.batch_size            # an epoch's last incomplete batch is dropped
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     args.warmup_steps = min(100, math.ceil(0.1 * total)) if args.warmup_steps is None else args.warmup_steps
-    args.dtype = args.dtype or str(M.default_dtype(device)).removeprefix("torch.")   # LoRA itself stays fp32
+    args.dtype = args.dtype or str(M.default_dtype(dev)).removeprefix("torch.")   # LoRA itself stays fp32
     if rank == 0 and bad:
         print(f"{args.data}: skipped {len(bad)} malformed row(s), line(s) {str(bad[:20])[1:-1]}", file=sys.stderr)
-    model, tok = M.load(args.model, getattr(torch, args.dtype), device, None if args.bits == "none" else int(args.bits))
+    model, tok = M.load(hub.resolve(args.model), getattr(torch, args.dtype), dev, None if args.bits == "none" else int(args.bits))
     torch.manual_seed(args.seed)                                  # the same LoRA init on every rank
     if ckpt or args.adapter:
         lora.load_adapter(model, ckpt / "adapter" if ckpt else args.adapter)
@@ -204,14 +206,14 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     if state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        generator(device).set_state(state["rng"][rank])
+        generator(dev).set_state(state["rng"][rank])
     else:
         torch.manual_seed(args.seed + rank)                       # each rank its own dropout masks
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not state:                        # a run interrupted before its first checkpoint starts over
         (out / "log.jsonl").unlink(missing_ok=True)
     pos = SimpleNamespace(**state["position"]) if state else SimpleNamespace(step=0, best_score=None, best_step=None)
-    return SimpleNamespace(args=args, out=out, device=device, rank=rank, world=world, model=model, tok=tok,
+    return SimpleNamespace(args=args, out=out, device=dev, rank=rank, world=world, model=model, tok=tok,
                            params=params, opt=opt, sched=sched, pos=pos, triplets=triplets, total=total,
                            steps_per_epoch=steps_per_epoch, data_sha256=sha, malformed_lines=bad)
 
@@ -224,13 +226,13 @@ def save_checkpoint(run):
     if run.rank != 0:
         return
     path = run.out / f"checkpoint-{run.pos.step}"
-    with common.atomic(path) as tmp:
+    with atomic(path) as tmp:
         tmp.mkdir()
-        lora.save_adapter(run.model, tmp / "adapter", M.ALIASES.get(run.args.model, run.args.model))
+        lora.save_adapter(run.model, tmp / "adapter", hub.hub_id(run.args.model))
         torch.save({"args": vars(run.args), "position": vars(run.pos), "world_size": run.world, "rng": rngs,
                     "data_sha256": run.data_sha256, "optimizer": run.opt.state_dict(),
                     "scheduler": run.sched.state_dict()}, tmp / "trainer.pt")
-    common.write_atomic(run.out / "latest", path.name + "\n")
+    write_atomic(run.out / "latest", path.name + "\n")
     for old in set(run.out.glob("checkpoint-*")) - {path}:
         shutil.rmtree(old)
 
@@ -250,7 +252,7 @@ def evaluate_and_keep_best(run) -> dict:
     run.model.train()
     if run.pos.best_score is None or score > run.pos.best_score:
         run.pos.best_score, run.pos.best_step = score, run.pos.step
-        lora.save_adapter(run.model, run.out / "best", M.ALIASES.get(run.args.model, run.args.model))
+        lora.save_adapter(run.model, run.out / "best", hub.hub_id(run.args.model))
     return {"step": run.pos.step, "stsb_dev": round(score, 6), "best": run.pos.best_step == run.pos.step}
 
 
@@ -264,7 +266,7 @@ def train(run):
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
     log({"event": "resume" if run.pos.step else "start", "step": run.pos.step, "args": vars(a), "world_size": world,
          "data_sha256": run.data_sha256, "malformed_lines": run.malformed_lines, "triplets": len(run.triplets),
-         "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total, "commit": common.git_commit()})
+         "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total, "commit": git_commit()})
     start, saved_at = run.pos.step, time.monotonic()
     with tqdm(total=run.total, initial=run.pos.step, unit="step", disable=rank != 0, smoothing=0) as bar:
         while run.pos.step < run.total:
@@ -292,7 +294,7 @@ def train(run):
                 save_checkpoint(run)
                 saved_at = time.monotonic()
     if rank == 0:
-        lora.save_adapter(run.model, out / "final", M.ALIASES.get(a.model, a.model))
+        lora.save_adapter(run.model, out / "final", hub.hub_id(a.model))
         log({"event": "done", **vars(run.pos)})
         print(f"done: {run.pos.step} steps -> {out / 'final'}\nevaluate: python evaluate.py --model {a.model} "
               f"--demonstration none --adapter {out / 'final'}")   # the paper tests on the unquantized base
@@ -302,7 +304,7 @@ def train(run):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the paper's recipe.")
     a = p.add_argument
-    a("--model", default=M.DEFAULT_MODEL, help="alias, local directory or hub id (default %(default)s)")
+    a("--model", default=hub.DEFAULT_MODEL, help="alias, local directory or hub id (default %(default)s)")
     a("--adapter", help="start from this LoRA adapter (PEFT format), with its own rank, alpha and dropout")
     a("--data", help="SimCSE csv, sent0,sent1,hard_neg (default: <data dir>/nli/, the full file or the partial one)")
     a("--data-dir", help="data folder with nli/ and sts/ (default: $SENTEMB_DATA, else ./data)")
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
         runs.append(prepare(*parse_args(argv)))
         train(runs[0])
     try:
-        return common.cli(run, argv, lambda: f"at step {runs[0].pos.step + 1}, {kept(runs[0].out)}" if runs
+        return cli(run, argv, lambda: f"at step {runs[0].pos.step + 1}, {kept(runs[0].out)}" if runs
                           else "nothing was written")
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -21,8 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import convert_gguf  # noqa: E402
-import corpus  # noqa: E402
+from support import corpus, gguf  # noqa: E402
 import model as M  # noqa: E402
 
 WORDS = ("a man woman child dog cat plays reads eats runs under over the park guitar street house quickly slowly "
@@ -33,7 +32,7 @@ def tiny_model(d: Path) -> str:
     """A 2-block LLaMA with random weights and SmolLM2's tokenizer."""
     import torch
     from safetensors.torch import save_file
-    src = convert_gguf.smollm2_dir()
+    src = gguf.smollm2_dir()
     cfg = dict(json.loads((src / "config.json").read_text()), hidden_size=64, intermediate_size=128,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     (d / "config.json").write_text(json.dumps(cfg))

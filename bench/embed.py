@@ -20,10 +20,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import cli, data_dir, device  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+from support.cli import cli, data_dir, device  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
 import torch  # noqa: E402
 import embed as E  # noqa: E402
 import model as M  # noqa: E402
+from support import hub  # noqa: E402
 
 
 def stsb_sentences(n, data_arg=None):
@@ -79,14 +80,14 @@ def main(argv=None):
     import transformers
     sents = stsb_sentences(args.n, args.data_dir)
     dev = device(args.device)
-    ref = transformers.LlamaModel.from_pretrained(str(M.resolve(M.DEFAULT_MODEL)), dtype=torch.float32).to(dev).eval()
+    ref = transformers.LlamaModel.from_pretrained(str(hub.resolve(hub.DEFAULT_MODEL)), dtype=torch.float32).to(dev).eval()
     dtype = getattr(torch, args.dtype) if args.dtype else M.default_dtype(dev)
     dname = str(dtype).removeprefix("torch.")
     print(f"{len(sents)} STS-B dev sentences, batch {args.batch_size}, embed.py in {dname}, "
           f"transformers in float32, on {dev}{'' if dev.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
     print(f"{'setting':<22} {'embed.py sent/s':>16} {'transformers sent/s':>20} {'ratio':>7} {'max |diff|':>11}")
     for name, demos in (("no demonstration", []), ("one demonstration", "default")):   # the model's chosen one
-        emb = E.Embedder(M.DEFAULT_MODEL, demonstrations=demos, batch_size=args.batch_size, dtype=dtype,
+        emb = E.Embedder(hub.DEFAULT_MODEL, demonstrations=demos, batch_size=args.batch_size, dtype=dtype,
                          device=dev)
         ours = theirs = 0.0
         for _ in range(args.repeats):

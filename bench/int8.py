@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+from support.cli import data_dir  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+from support.files import write_atomic  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -87,7 +88,7 @@ def main():
     ap.add_argument("--output", help="also write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dev, train = EV.load_stsb(common.data_dir(), "dev"), EV.load_stsb(common.data_dir(), "train")
+    dev, train = EV.load_stsb(data_dir(), "dev"), EV.load_stsb(data_dir(), "train")
     sentences = (dev.a + dev.b)[:args.n]
     base = E.Embedder(batch_size=32)
     names = [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
@@ -122,7 +123,7 @@ def main():
         print(f"{name:14s} {'-' if ratio is None else f'{ratio:.2f}x':>10s} {cos.mean():9.4f} {cos.min():8.4f} "
               f"{'-' if score is None else f'{score:.2f}':>10s}", flush=True)
     if args.output:
-        common.write_atomic(Path(args.output), json.dumps(dict(n=args.n, threads=args.threads, rows=rows), indent=1))
+        write_atomic(Path(args.output), json.dumps(dict(n=args.n, threads=args.threads, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import UserError  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+from support.cli import UserError  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
 import torch  # noqa: E402
 import model as M  # noqa: E402
+from support import hub  # noqa: E402
 
 SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                      intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -71,14 +72,14 @@ def forward(model, ids, mask):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=M.DEFAULT_MODEL)
+    ap.add_argument("--model", default=hub.DEFAULT_MODEL)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bits", default="32,16,8,4")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
         try:
-            M.resolve(args.model)
+            hub.resolve(args.model)
             name = args.model
         except (UserError, OSError) as e:  # no default model here: use the stand-in
             print(f"# {args.model} unavailable ({str(e).splitlines()[0][:100]}); "
@@ -89,7 +90,7 @@ def main():
 
 def bench(args, name):
     bits = [int(b) for b in args.bits.split(",")]
-    models = {b: M.load(name, "bfloat16" if b == 16 else "float32", "cpu", b if b in (4, 8) else None) for b in bits}
+    models = {b: M.load(hub.resolve(name), "bfloat16" if b == 16 else "float32", "cpu", b if b in (4, 8) else None) for b in bits}
     tok = models[bits[0]][1]
     ids, mask = tok.pad([tok.encode(TEMPLATE.format(SENTENCES[i % len(SENTENCES)])) for i in range(args.batch)])
     before = {b: weight_bytes(m) for b, (m, _) in models.items()}

@@ -1,5 +1,5 @@
 """Throughput of embed.py on a shared CPU: alone, and beside a competing CPU-bound process, with OpenMP
-threads that wait passively (sentemb's default, set in common.py) or spin (OMP_WAIT_POLICY=ACTIVE).
+threads that wait passively (sentemb's default, set in support/cli.py) or spin (OMP_WAIT_POLICY=ACTIVE).
 
     python bench/shared_cpu.py [--n 192] [--competitors 1]
 
@@ -21,8 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
-import common, embed as E
-rows = (common.data_dir() / "sts" / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()
+from support.cli import data_dir
+import embed as E
+rows = (data_dir() / "sts" / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()
 sents = [r.split("\t")[5] for r in rows][:{n}]
 e = E.Embedder(demonstrations=[], batch_size=32)
 e.encode(sents[:32])                                  # warm-up
@@ -36,7 +37,7 @@ def measure(policy, n, competitors):
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     else:
-        env.pop("OMP_WAIT_POLICY", None)             # common.py's default applies
+        env.pop("OMP_WAIT_POLICY", None)             # support/cli.py's default applies
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
     try:
         code = CHILD.format(root=str(ROOT), n=n)

@@ -12,7 +12,9 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import CachedEncoder, UserError, cli, data_dir, device, provenance, writable  # noqa: E402  (before torch)
+from support.cache import CachedEncoder  # noqa: E402
+from support.cli import UserError, cli, data_dir, device, writable  # noqa: E402  (before torch)
+from support.provenance import provenance  # noqa: E402
 import evaluate as ev  # noqa: E402
 
 

@@ -19,11 +19,12 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import UserError, cli  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+from support.cli import UserError, cli  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
 import torch  # noqa: E402
 
 import lora  # noqa: E402
 import model as M  # noqa: E402
+from support import hub  # noqa: E402
 import train_cse as T  # noqa: E402
 from embed import render  # noqa: E402
 
@@ -32,7 +33,7 @@ LORA = dict(r=64, alpha=16, dropout=0.05)                      # the paper's rec
 
 def ours(name, dtype):
     """model.load with a 4-bit base + lora.add_lora on all block linears -> (Decoder, tokenizer, embed)."""
-    model, tok = M.load(name, dtype, "cpu", bits=4)
+    model, tok = M.load(hub.resolve(name), dtype, "cpu", bits=4)
     torch.manual_seed(0)
     lora.add_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], "all-linear")
     lora.mark_only_lora_trainable(model).train()
@@ -47,7 +48,7 @@ def theirs(name, dtype):
     transformers.utils.logging.disable_progress_bar()
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=dtype)
-    ref = transformers.AutoModel.from_pretrained(str(M.resolve(name)), quantization_config=q, dtype=dtype,
+    ref = transformers.AutoModel.from_pretrained(str(hub.resolve(name)), quantization_config=q, dtype=dtype,
                                                  device_map="cpu")
     torch.manual_seed(0)
     cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear")
@@ -83,7 +84,7 @@ def adamw(model, lr):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=M.DEFAULT_MODEL, help="a LLaMA-family alias or directory (default: %(default)s)")
+    p.add_argument("--model", default=hub.DEFAULT_MODEL, help="a LLaMA-family alias or directory (default: %(default)s)")
     p.add_argument("--data", default=str(ROOT / "tests" / "fixtures" / "nli_triplets.csv"),
                    help="SimCSE-format NLI csv (default: the test fixture)")
     p.add_argument("--batch-size", type=int, default=8, help="triplets per step (default: %(default)s)")

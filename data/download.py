@@ -27,7 +27,8 @@ import zipfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import UserError, atomic, cli  # noqa: E402
+from support.cli import UserError, cli  # noqa: E402
+from support.files import atomic  # noqa: E402
 COMMITS = {
     "leotmc/simcse": "e0b62fcef5dadeeef55aef3b640ab219860c201b",          # SentEval data: STS, SICK
     "robertoviegas/SimCSE": "a0d98a537ceffe5f728077dd0930c41171db2d16",   # SentEval data: transfer, SNLI

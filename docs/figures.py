@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import UserError, cli  # noqa: E402
+from support.cli import UserError, cli  # noqa: E402
 
 STS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R"]
 TEMPLATE = {"eol": "PromptEOL", "prompt": "PromptBERT-style"}

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import corpus
 import embed as E
 import model as M
+from support import corpus, hub
+from support.cli import UserError, cli
 from test_model import LLAMA_GQA, OPT_PRE, hf_model, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_bad_arguments(tiny):
 
 
 def test_non_string_sentence_is_named_by_index_and_type(tiny_llama):
-    with pytest.raises(common.UserError) as err:
+    with pytest.raises(UserError) as err:
         embedder(tiny_llama).encode(["a", "b", b"bytes"])
     assert str(err.value) == "encode takes strings: sentences[2] is of type bytes"
 
@@ -169,16 +169,16 @@ def test_non_string_sentence_is_named_by_index_and_type(tiny_llama):
 @pytest.mark.parametrize("demos", [("A sentence.", "Word"), [("only a sentence",)], [("s", 1)], ["s=>w"]])
 def test_malformed_demonstrations(tiny_llama, demos):
     message = f"demonstrations must be a list of (sentence, word) pairs of strings, not {demos!r:.80}"
-    with pytest.raises(common.UserError) as err:
+    with pytest.raises(UserError) as err:
         embedder(tiny_llama, demonstrations=demos)
     assert str(err.value) == message
-    with pytest.raises(common.UserError) as err:
+    with pytest.raises(UserError) as err:
         embedder(tiny_llama, demonstrations=[]).with_demonstrations(demos)
     assert str(err.value) == message
 
 
 def test_empty_sentence_with_no_token_to_pool_is_an_error(tiny):
-    with pytest.raises(common.UserError) as err:       # mean pooling never counts BOS
+    with pytest.raises(UserError) as err:       # mean pooling never counts BOS
         embedder(tiny, template="none", pooling="mean").encode(["a", "", "b", ""])
     assert str(err.value) == ("empty sentence at line 2, 4 (counting from 1): template 'none' and mean pooling leave "
                               "it no token to pool; drop empty lines or choose a template")
@@ -197,7 +197,7 @@ def run(args, stdin=None):
 
 def run_inprocess(args, capsys):
     """embed.main through common.cli in this process (no torch import per case): -> (exit code, stdout, stderr)."""
-    code = common.cli(E.main, args)
+    code = cli(E.main, args)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -231,7 +231,7 @@ def test_cli_stdin_error_is_one_line_in_a_real_process():
     r = run(["--model", "no-such-model"], stdin=b"a sentence\n")
     err = r.stderr.decode().strip()
     assert r.returncode == 1 and err == ("embed.py: error: unknown model 'no-such-model': not a local directory, an "
-                                         f"alias ({', '.join(M.ALIASES)}) or a Hugging Face repo id (owner/name)"), err
+                                         f"alias ({', '.join(hub.ALIASES)}) or a Hugging Face repo id (owner/name)"), err
 
 
 def test_stdin_splits_lines_as_an_input_file_does(tmp_path):
@@ -255,7 +255,7 @@ def test_stdin_splits_lines_as_an_input_file_does(tmp_path):
     (["--output", "{tmp}/dir.npy", "a"], "--output {tmp}/dir.npy: is a directory"),
     (["--output", "{tmp}/x.csv", "a"], "--output {tmp}/x.csv: use a .npy, .safetensors or .jsonl file name"),
     (["--model", "no-such-model", "a"], "unknown model 'no-such-model': not a local directory, an alias ("
-     + ", ".join(M.ALIASES) + ") or a Hugging Face repo id (owner/name)"),
+     + ", ".join(hub.ALIASES) + ") or a Hugging Face repo id (owner/name)"),
     (["--demonstration", "x=>y", "--demonstration", "none", "a"],
      "--demonstration 'none': expected \"SENTENCE=>WORD\" or none"),
     (["--demonstration", "no arrow", "a"], "--demonstration 'no arrow': expected \"SENTENCE=>WORD\" or none"),
@@ -315,7 +315,7 @@ def test_ctrl_c_is_one_line_and_leaves_the_old_output(tiny_llama, tmp_path):
     p.send_signal(signal.SIGINT)                 # while embed.py waits for lines
     err = p.communicate(timeout=120)[1].decode()
     os.close(w)
-    assert p.returncode == 1 and err == "embed.py: interrupted; nothing was written (an existing --output file is " \
+    assert p.returncode == 130 and err == "embed.py: interrupted; nothing was written (an existing --output file is " \
         "untouched)\n", err
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["in.fifo", "o.npy"]
 
@@ -332,7 +332,7 @@ def smol():
 def test_default_model_matches_transformers(smol):
     """Cached-prefix PromptEOL embeddings == transformers' LlamaModel on the full left-padded prompts."""
     transformers = pytest.importorskip("transformers")
-    ref = transformers.LlamaModel.from_pretrained(str(M.resolve("smollm2-135m")), dtype=torch.float32).eval()
+    ref = transformers.LlamaModel.from_pretrained(str(hub.resolve("smollm2-135m")), dtype=torch.float32).eval()
     ids, mask = smol.tok.pad([smol.tok.encode(smol.prompt(s)[0]) for s in SENTS])
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),

@@ -11,7 +11,9 @@ import pytest
 from conftest import FIXTURES
 from scipy.stats import pearsonr, spearmanr
 
-import common
+from support import cli as common
+from support import provenance
+from support.cache import CachedEncoder, fingerprint_key
 import evaluate as ev
 
 FIX = FIXTURES / "data"  # a few pairs of every STS file, in the real layout (tests/fixtures/data)
@@ -150,36 +152,36 @@ def test_every_task_loads_and_the_sts_suite_has_about_37k_sentences(data_root):
 def test_cache_returns_identical_vectors_and_skips_encoded_sentences(tmp_path):
     gold = np.random.default_rng(0).uniform(0, 5, 10)
     enc = GoldEncoder(gold, fingerprint={"model": "toy", "demonstrations": [["s", "w"]]})
-    first = common.CachedEncoder(enc, cache_dir=tmp_path, chunk_size=3)
+    first = CachedEncoder(enc, cache_dir=tmp_path, chunk_size=3)
     v1 = first.encode(["a1", "b2", "a1", "b3"])
     assert first.n_encoded == 3 and sorted(enc.seen) == ["a1", "b2", "b3"]
-    again = common.CachedEncoder(enc, cache_dir=tmp_path)  # a new run reads the store
+    again = CachedEncoder(enc, cache_dir=tmp_path)  # a new run reads the store
     enc.seen = []
     v2 = again.encode(["b3", "a1", "b2", "b4"])
     assert enc.seen == ["b4"] and again.n_encoded == 1
     assert np.array_equal(v2[:3], v1[[3, 0, 1]]) and v2.dtype == np.float32
-    folder = tmp_path / "embeddings" / common.fingerprint_key(enc.fingerprint)
+    folder = tmp_path / "embeddings" / fingerprint_key(enc.fingerprint)
     assert json.loads((folder / "fingerprint.json").read_text())["fingerprint"] == enc.fingerprint
     other = GoldEncoder(gold, fingerprint={"model": "toy", "demonstrations": []})
-    assert common.CachedEncoder(other, cache_dir=tmp_path).vectors == {}
+    assert CachedEncoder(other, cache_dir=tmp_path).vectors == {}
 
 
 def test_cache_survives_a_record_cut_short(tmp_path):
     enc = GoldEncoder([1.0, 2.0, 3.0], fingerprint={"model": "toy"})
-    common.CachedEncoder(enc, cache_dir=tmp_path).encode(["a0", "b1"])
+    CachedEncoder(enc, cache_dir=tmp_path).encode(["a0", "b1"])
     store = next((tmp_path / "embeddings").iterdir()) / "vectors.bin"
     with open(store, "ab") as f:
         f.write(b"\x01" * 17)  # an interrupted append
-    cached = common.CachedEncoder(enc, cache_dir=tmp_path)
+    cached = CachedEncoder(enc, cache_dir=tmp_path)
     assert len(cached.vectors) == 2
     cached.encode(["b2"])
     assert store.stat().st_size == 3 * (32 + 4 * 2)
-    assert np.array_equal(common.CachedEncoder(enc, cache_dir=tmp_path).encode(["b2", "a0"]), enc.encode(["b2", "a0"]))
+    assert np.array_equal(CachedEncoder(enc, cache_dir=tmp_path).encode(["b2", "a0"]), enc.encode(["b2", "a0"]))
 
 
 def test_encoder_without_fingerprint_is_not_cached_on_disk(tmp_path):
     enc = GoldEncoder([1.0, 2.0])
-    cached = common.CachedEncoder(enc, cache_dir=tmp_path)
+    cached = CachedEncoder(enc, cache_dir=tmp_path)
     cached.encode(["a0", "b1"])
     cached.encode(["a0"])  # remembered in memory
     assert cached.dir is None and enc.calls == 1 and not any(tmp_path.iterdir())
@@ -343,7 +345,7 @@ def test_ctrl_c_says_what_was_cached(tmp_path, capsys, monkeypatch):
 def test_cli_end_to_end_on_the_fixtures_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would fail: only --plot may
     monkeypatch.setattr(ev, "build_encoder", lambda args, model: (HashEncoder(), 10))
-    monkeypatch.setattr(common, "git_commit", lambda: "0" * 40)
+    monkeypatch.setattr(provenance, "git_commit", lambda: "0" * 40)
     monkeypatch.setenv("SENTEMB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "r.json"
     rc, text, _ = run(["--data-dir", FIX, "--tasks", "sts,stsb-dev", "--output", out], capsys)
@@ -407,7 +409,7 @@ def test_st_baseline_writes_evaluates_record_layout_without_a_disk_cache(st_base
     assert rec["encoder"] == {"sentence_transformers": "st-dir"} and rec["params"] == 22 and rec["cache"] is None
     assert list(rec["summary_x100"]) == ["STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R", "STS-B dev"]
     assert "st-dir" in capsys.readouterr().out and not (tmp_path / "cache").exists()
-    row = ev.evaluate("st-dir", 22, common.CachedEncoder(Plain(), disk=False), loaded)
+    row = ev.evaluate("st-dir", 22, CachedEncoder(Plain(), disk=False), loaded)
     assert rec["summary_x100"] == row["summary_x100"]  # the same scorers as evaluate.py
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs"))
 import figures  # noqa: E402
-from common import UserError  # noqa: E402
+from support.cli import UserError  # noqa: E402
 
 STS = {t: 50.0 + i for i, t in enumerate(figures.STS)}
 ENCODER = {"model": "tiny", "method": "eol", "adapter": None, "bits": None, "dtype": "torch.float32",

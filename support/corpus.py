@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-import common  # before torch: it sets OpenMP's waiting policy
-import torch
+from support.cli import UserError, device
+import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
-from common import UserError, atomic, write_atomic
+from support.cache import fingerprint_key
+from support.files import atomic, write_atomic
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ def setup(args) -> torch.device:
     """This process's device: under torchrun cuda:LOCAL_RANK or a share of the CPU cores (gloo for barriers)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         args.dtype = args.dtype or ("bfloat16" if args.device == "auto" else None)   # auto: loaded on the CPU
-        return torch.device("cpu") if args.device == "auto" else common.device(args.device)
+        return torch.device("cpu") if args.device == "auto" else device(args.device)
     if args.device not in (None, "cpu", "cuda"):
         raise UserError(f"--device {args.device}: under torchrun use cpu or cuda (rank r takes cuda:LOCAL_RANK)")
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))   # a rank done early waits for the rest
@@ -116,7 +117,7 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = {"input": [str(src.resolve()), src.stat().st_size, src.stat().st_mtime_ns], "rows": n,
              "embedder": emb.fingerprint, "normalize": normalize, "chunk": chunk, "world": world}
-    key = common.fingerprint_key(state)[:16]   # names this command's partial file and records
+    key = fingerprint_key(state)[:16]   # names this command's partial file and records
     partial = out.with_name(f"{out.name}.{key}.partial")
     record = out.with_name(f"{out.name}.{key}.progress.{rank}.json")
     if rank == 0 and not partial.exists():

@@ -1,0 +1,133 @@
+"""Used by every stage's command line: the one error type, the CLI ending, shared flags, device, data folder.
+
+A user error (a bad flag, a missing file) ends a command in one line on stderr and exit 1; Ctrl-C ends it in
+one line saying what was kept, and exit 130."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+# A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so stages import us first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO = Path(__file__).resolve().parents[1]
+DOWNLOAD_HINT = "run `python data/download.py` or pass --data-dir"
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+class UserError(ValueError):
+    """Something the user can fix (a bad flag, a missing file): one line on stderr, exit 1, no traceback."""
+
+    user_error = True
+
+
+def is_user_error(e: BaseException) -> bool:
+    """UserError, or model.py's own ModelError (model.py stands alone, so it cannot import this one)."""
+    return getattr(e, "user_error", False) is True
+
+
+def cli(main, argv=None, interrupted="nothing was written") -> int:
+    """Run main(argv) -> exit code. A user error: one line, 1. Ctrl-C: one line (`interrupted`, or what
+    the callable returns, says what the stopped run kept), 130."""
+    prog = Path(sys.argv[0]).name if argv is None else "sentemb"
+    try:
+        return main(argv) or 0
+    except ValueError as e:
+        if not is_user_error(e):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not interrupt the shutdown
+        said = interrupted() if callable(interrupted) else interrupted
+        print(f"{prog}: interrupted; {said}", file=sys.stderr)
+        return 130
+
+
+def data_dir(arg=None, need="sts") -> Path:
+    """--data-dir if given, else $SENTEMB_DATA, else <repo>/data; it must contain the folder `need`."""
+    path = Path(arg or os.environ.get("SENTEMB_DATA") or REPO / "data").expanduser()
+    if not (path / need).exists():
+        raise UserError(f"no data in {path} (no {need}/ folder there): {DOWNLOAD_HINT}")
+    return path
+
+
+def parse_demonstrations(values):
+    """--demonstration values -> None (flag absent: the model's default), [] ('none'), or [(sentence, word)]."""
+    if values is None:
+        return None
+    if [v.strip().lower() for v in values] == ["none"]:
+        return []
+    pairs = []
+    for v in values:
+        sentence, sep, word = (x.strip() for x in v.rpartition("=>"))
+        if not (sentence and sep and word):
+            raise UserError(f"--demonstration {v!r}: expected \"SENTENCE=>WORD\" or none")
+        pairs.append((sentence, word))
+    return pairs
+
+
+def embedder_flags(p):
+    """Add the flags that configure embed.Embedder to parser p, one meaning in every script; unset: None."""
+    a = p.add_argument
+    a("--template", choices=["eol", "prompt", "none"],
+      help="PromptEOL (default), without 'in one word', or bare")
+    a("--pooling", choices=["last", "mean"], help="the last token's state (default) or the prompt's mean")
+    a("--demonstration", action="append", metavar="SENTENCE=>WORD",
+      help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
+    a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
+    a("--max-tokens", type=int,
+      help="cut each sentence to this many tokens (default: no cut, as the paper)")
+    a("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    dtype_flag(p)
+    a("--bits", type=int, choices=[4, 8],
+      help="quantize the linears but the LM head to 4 or 8 bits (bitsandbytes)")
+    a("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
+
+
+def dtype_flag(p, help_tail=""):
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute precision (default: $SENTEMB_DTYPE, else bfloat16 on GPUs and CPUs with "
+                        f"native bf16, else float32){help_tail}")
+
+
+def positive(**flags):
+    """Fail on the first flag whose value is set and below 1, naming it as the user typed it."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+
+
+def device(name=None):
+    """--device value -> torch.device; None: cuda if available, else cpu. "auto" is embed.py's alone."""
+    import torch
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no CUDA device ({torch.__version__}); "
+                        f"use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+def writable(flag, path) -> Path:
+    """Fail before any work if `path`, the value of `flag`, cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a directory")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: its folder does not exist")
+    existed = p.exists()
+    try:  # the real test: permissions, a read-only file system, root on /proc
+        p.open("a").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        p.unlink(missing_ok=True)   # another process (a torchrun rank) may have checked the same path
+    return p
