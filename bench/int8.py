@@ -2,18 +2,19 @@
 
     python bench/int8.py [--n 128] [--threads 2] [--no-dev] [--output results/bench-int8.json]
 
-Each variant replaces the linear layers of the decoder blocks; everything else stays fp32. Against fp32
-in the same process:
-  dynamic        torch's dynamic int8 linear (fbgemm): int8 weights per output channel, activations
-                 quantized per tensor on the fly
-  dynamic-down   the same, with the MLP's down_proj left in fp32 (its inputs carry the largest outliers)
-  smooth-down    dynamic-down after SmoothQuant (alpha 0.5) moves activation outliers into the weights,
-                 calibrated on 64 STS-B train sentences
-  per-token      W8A8 with per-token activation and per-channel weight scales on every linear, simulated
-                 in fp32: accuracy only (torch has no CPU kernel for it, so no time)
-Prints the time of --n STS-B dev sentences as a ratio to fp32, the cosine of the PromptEOL embeddings to
-fp32's (mean, min), and STS-B dev Spearman with the default demonstration. The target (issue 15): at most
-0.5 points below fp32, and faster than bf16.
+Each variant replaces the linear layers of the decoder blocks; everything else stays fp32.
+Against fp32 in the same process:
+  dynamic        torch's dynamic int8 linear (fbgemm): int8 weights per output channel,
+                 activations quantized per tensor on the fly
+  dynamic-down   the same, with the MLP's down_proj left in fp32 (its inputs carry the largest
+                 outliers)
+  smooth-down    dynamic-down after SmoothQuant (alpha 0.5) moves activation outliers into the
+                 weights, calibrated on 64 STS-B train sentences
+  per-token      W8A8 with per-token activation and per-channel weight scales on every linear,
+                 simulated in fp32: accuracy only (torch has no CPU kernel for it, so no time)
+Prints the time of --n STS-B dev sentences as a ratio to fp32, the cosine of the PromptEOL
+embeddings to fp32's (mean, min), and STS-B dev Spearman with the default demonstration. The
+target: at most 0.5 points below fp32, and faster than bf16.
 """
 import argparse
 import json
@@ -41,7 +42,9 @@ class Dynamic(nn.Module):
         if smooth is not None:
             f.weight.data *= smooth                               # W diag(s) (x / s) = W x
         qconfig = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-        self.q = torch.ao.quantization.quantize_dynamic(nn.Sequential(f), qconfig, dtype=torch.qint8)[0]
+        quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(f), qconfig,
+                                                           dtype=torch.qint8)
+        self.q = quantized[0]
         self.smooth = smooth
 
     def forward(self, x):
@@ -53,13 +56,15 @@ class PerToken(nn.Module):
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
-        self.weight, self.bias = fake_int8(lin.weight.data), lin.bias
+        self.weight = fake_int8(lin.weight.data)
+        self.bias = lin.bias
 
     def forward(self, x):
         return nn.functional.linear(fake_int8(x), self.weight, self.bias)
 
 
-def fake_int8(t):                                   # symmetric int8 along the last dim, back in fp32
+def fake_int8(t):
+    """Symmetric int8 along the last dim, back in fp32."""
     s = t.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
     return (t / s).round().clamp(-127, 127) * s
 
@@ -80,50 +85,68 @@ def input_absmax(emb, names, sentences) -> dict:
     return amax
 
 
+def is_down(name) -> bool:
+    """The MLP's down_proj: its inputs carry the largest activation outliers."""
+    return name.endswith("down_proj")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=128, help="STS-B dev sentences timed and compared (default 128)")
+    ap.add_argument("--n", type=int, default=128,
+                    help="STS-B dev sentences timed and compared (default 128)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--no-dev", action="store_true", help="skip the STS-B dev scores (minutes each)")
+    ap.add_argument("--no-dev", action="store_true",
+                    help="skip the STS-B dev scores (minutes each)")
     ap.add_argument("--output", help="also write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dev, train = EV.load_stsb(data_dir(), "dev"), EV.load_stsb(data_dir(), "train")
+    dev = EV.load_stsb(data_dir(), "dev")
+    train = EV.load_stsb(data_dir(), "train")
     sentences = (dev.a + dev.b)[:args.n]
-    base = E.Embedder(batch_size=32)
-    names = [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    base = E.Embedder(batch_size=32, dtype="float32")   # the variants replace fp32 linears
+    names = [n for n, m in base.model.named_modules()
+             if isinstance(m, nn.Linear) and ".layers." in n]
     fp32 = {n: base.model.get_submodule(n) for n in names}
     w_amax = {n: fp32[n].weight.data.abs().amax(0) for n in names}
     x_amax = input_absmax(base, names, (train.a + train.b)[:64])
-    smooth = {n: (x_amax[n].clamp(min=1e-5) / w_amax[n].clamp(min=1e-5)).sqrt().clamp(min=1e-2) for n in names}
-    down = lambda n: n.endswith("down_proj")  # noqa: E731
+    smooth = {}
+    for n in names:   # SmoothQuant, alpha 0.5: s = sqrt(max|x| / max|w|) per input channel
+        ratio = x_amax[n].clamp(min=1e-5) / w_amax[n].clamp(min=1e-5)
+        smooth[n] = ratio.sqrt().clamp(min=1e-2)
     variants = {"fp32": lambda n: fp32[n],
                 "dynamic": lambda n: Dynamic(fp32[n]),
-                "dynamic-down": lambda n: fp32[n] if down(n) else Dynamic(fp32[n]),
-                "smooth-down": lambda n: fp32[n] if down(n) else Dynamic(fp32[n], smooth[n]),
+                "dynamic-down": lambda n: fp32[n] if is_down(n) else Dynamic(fp32[n]),
+                "smooth-down": lambda n: fp32[n] if is_down(n) else Dynamic(fp32[n], smooth[n]),
                 "per-token": lambda n: PerToken(fp32[n])}
-    print(f"{args.n} STS-B dev sentences, default model and demonstration, batch 32, {args.threads} threads")
+    print(f"{args.n} STS-B dev sentences, default model and demonstration, batch 32, "
+          f"{args.threads} threads")
     print(f"{'variant':14s} {'time/fp32':>10s} {'cos mean':>9s} {'cos min':>8s} {'STS-B dev':>10s}")
-    rows, ref, t_ref = [], None, None
+    rows = []
+    ref = None
+    t_ref = None
     for name, make in variants.items():
         for n in names:
             base.model.set_submodule(n, make(n))
-        emb = base.with_demonstrations(base.demonstrations)         # a fresh prefix cache for these layers
-        emb.encode(sentences[:32])                                   # warm-up
+        emb = base.with_demonstrations(base.demonstrations)   # a fresh prefix cache for them
+        emb.encode(sentences[:32])                             # warm-up
         t = time.perf_counter()
         out = emb.encode(sentences)
         seconds = time.perf_counter() - t
-        if ref is None:                                              # fp32 comes first
-            ref, t_ref = out, seconds
+        if ref is None:                                        # fp32 comes first
+            ref = out
+            t_ref = seconds
         cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
         score = None if args.no_dev else 100 * EV.stsb_dev(emb)
         ratio = None if name == "per-token" else seconds / t_ref
-        rows.append(dict(variant=name, time_ratio=ratio, cos_mean=float(cos.mean()), cos_min=float(cos.min()),
-                         stsb_dev=score))
-        print(f"{name:14s} {'-' if ratio is None else f'{ratio:.2f}x':>10s} {cos.mean():9.4f} {cos.min():8.4f} "
-              f"{'-' if score is None else f'{score:.2f}':>10s}", flush=True)
+        rows.append(dict(variant=name, time_ratio=ratio, cos_mean=float(cos.mean()),
+                         cos_min=float(cos.min()), stsb_dev=score))
+        shown_ratio = "-" if ratio is None else f"{ratio:.2f}x"
+        shown_score = "-" if score is None else f"{score:.2f}"
+        print(f"{name:14s} {shown_ratio:>10s} {cos.mean():9.4f} {cos.min():8.4f} "
+              f"{shown_score:>10s}", flush=True)
     if args.output:
-        write_atomic(Path(args.output), json.dumps(dict(n=args.n, threads=args.threads, rows=rows), indent=1))
+        record = dict(n=args.n, threads=args.threads, rows=rows)
+        write_atomic(Path(args.output), json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

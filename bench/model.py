@@ -27,30 +27,37 @@ def main():
     args = ap.parse_args()
     import transformers
     conf = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                    num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
-                                    rope_theta=100000.0, tie_word_embeddings=True)
+                                    num_hidden_layers=args.layers, num_attention_heads=9,
+                                    num_key_value_heads=3, rope_theta=100000.0,
+                                    tie_word_embeddings=True)
     torch.manual_seed(0)
     ref = transformers.LlamaModel(conf).eval()
     with tempfile.TemporaryDirectory() as d:
-        transformers.LlamaForCausalLM(conf).save_pretrained(d)       # same shapes; copy weights below
+        # Same shapes; the weights are copied below.
+        transformers.LlamaForCausalLM(conf).save_pretrained(d)
         (pathlib.Path(d) / "vocab.json").write_text('{"a": 0}')
         (pathlib.Path(d) / "merges.txt").write_text("#version: 0.2\n")
-        ours, _ = M.load(d, device="cpu")
+        ours, _ = M.load(d, dtype=torch.float32, device="cpu")   # the bench compares fp32
     ours.model.load_state_dict(ref.state_dict())
     ids = torch.randint(0, conf.vocab_size, (args.batch, args.tokens))
     mask = torch.ones_like(ids)
     best = {"model.py": 0.0, "transformers": 0.0}
     with torch.inference_mode():
-        diff = (ours(ids, mask) - ref(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max().item()
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        diff = (ours(ids, mask) - want).abs().max().item()
         for _ in range(args.repeats):
             for name, fn in (("model.py", lambda: ours(ids, mask)),
                              ("transformers", lambda: ref(input_ids=ids, attention_mask=mask))):
-                t = time.perf_counter(); fn(); dt = time.perf_counter() - t
-                best[name] = max(best[name], ids.numel() / dt)
-    print(f"{args.layers} layers, batch {args.batch} x {args.tokens} tokens, fp32, {torch.get_num_threads()} threads")
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+                best[name] = max(best[name], ids.numel() / seconds)
+    print(f"{args.layers} layers, batch {args.batch} x {args.tokens} tokens, fp32, "
+          f"{torch.get_num_threads()} threads")
     for name, tps in best.items():
         print(f"{name:<13} {tps:9.0f} tokens/s")
-    print(f"ratio model.py / transformers: {best['model.py'] / best['transformers']:.2f}x   max |diff| {diff:.1e}")
+    ratio = best["model.py"] / best["transformers"]
+    print(f"ratio model.py / transformers: {ratio:.2f}x   max |diff| {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -29,35 +29,42 @@ SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_
                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 TEMPLATE = 'This sentence : "{}" means in one word:"'   # PromptEOL
 SENTENCES = ["A man is playing a guitar.", "The cat sits on the mat near the window.",
-             "Stocks fell sharply after the announcement.", "Two kids are riding bikes in the park.",
+             "Stocks fell sharply after the announcement.",
+             "Two kids are riding bikes in the park.",
              "She is reading a long novel about the sea.", "The weather will be sunny tomorrow."]
 
 
 def random_checkpoint(d: Path) -> str:
-    """A SmolLM2-135M-shaped LLaMA with random weights and a throwaway byte-level tokenizer, in d."""
+    """A SmolLM2-135M-shaped LLaMA with random weights and a throwaway BPE tokenizer, in d."""
     from safetensors.torch import save_file
     from tokenizers import ByteLevelBPETokenizer
     (d / "config.json").write_text(json.dumps(SMOLLM2_SHAPE))
     c = M.Config.from_hf(SMOLLM2_SHAPE)
     torch.manual_seed(0)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in M.Decoder(c).state_dict().items() if k != "lm_head.weight"}
-    save_file({k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s) * 0.02) for k, s in shapes.items()},
-              str(d / "model.safetensors"))
+        state = M.Decoder(c).state_dict()
+    shapes = {k: v.shape for k, v in state.items() if k != "lm_head.weight"}
+    weights = {}
+    for k, s in shapes.items():   # norms at 1, everything else small and random
+        weights[k] = torch.ones(s) if k.endswith("norm.weight") else torch.randn(s) * 0.02
+    save_file(weights, str(d / "model.safetensors"))
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES * 10, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"])
+    bpe.train_from_iterator(SENTENCES * 10, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>"])
     bpe.save(str(d / "tokenizer.json"))
     return str(d)
 
 
 def weight_bytes(model) -> int:
     """Bytes held by parameters and buffers (4-bit weights count as their packed bytes)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}   # tied weights count once
+    # Tied weights count once.
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     n = sum(t.numel() * t.element_size() for t in tensors.values())
-    for m in model.modules():  # NF4 statistics live in quant_state (nested: state2), not in parameters
+    for m in model.modules():  # NF4 statistics live in quant_state (nested: state2), not parameters
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         while qs is not None:
-            stats = [t for t in (qs.absmax, getattr(qs, "code", None)) if isinstance(t, torch.Tensor)]
+            held = (qs.absmax, getattr(qs, "code", None))
+            stats = [t for t in held if isinstance(t, torch.Tensor)]
             n += sum(t.numel() * t.element_size() for t in stats)
             qs = getattr(qs, "state2", None)
     return n
@@ -90,29 +97,39 @@ def main():
 
 def bench(args, name):
     bits = [int(b) for b in args.bits.split(",")]
-    models = {b: M.load(hub.resolve(name), "bfloat16" if b == 16 else "float32", "cpu", b if b in (4, 8) else None) for b in bits}
+    path = hub.resolve(name)
+    models = {}
+    for b in bits:   # 16: bf16 throughout; 4 and 8: quantized linears over fp32
+        dtype = "bfloat16" if b == 16 else "float32"
+        models[b] = M.load(path, dtype, "cpu", b if b in (4, 8) else None)
     tok = models[bits[0]][1]
-    ids, mask = tok.pad([tok.encode(TEMPLATE.format(SENTENCES[i % len(SENTENCES)])) for i in range(args.batch)])
+    prompts = [TEMPLATE.format(SENTENCES[i % len(SENTENCES)]) for i in range(args.batch)]
+    ids, mask = tok.pad([tok.encode(p) for p in prompts])
     before = {b: weight_bytes(m) for b, (m, _) in models.items()}
-    last = {b: forward(m, ids, mask)[1] for b, (m, _) in models.items()}   # warm-up; bitsandbytes repacks here
-    after = {b: weight_bytes(m) for b, (m, _) in models.items()}         # ... which may change the bytes
+    # Warm-up: bitsandbytes repacks its weights here, which may change the bytes.
+    last = {b: forward(m, ids, mask)[1] for b, (m, _) in models.items()}
+    after = {b: weight_bytes(m) for b, (m, _) in models.items()}
     secs = {b: [] for b in bits}
     for _ in range(args.reps):          # interleaved, best of reps: load drift hits every row alike
         for b, (m, _) in models.items():
             secs[b].append(forward(m, ids, mask)[0])
-    rows, b0 = [], bits[0]
+    rows = []
+    b0 = bits[0]
     for b in bits:
         cos = torch.nn.functional.cosine_similarity(last[b], last[b0], dim=-1)
         rows.append((b, before[b], after[b], min(secs[b]), cos.mean().item(), cos.min().item()))
-    base = rows[0][1], rows[0][3]
-    print(f"model: {args.model if name == args.model else 'random SmolLM2-135M-shaped LLaMA'}; "
-          f"batch {args.batch} x {ids.shape[1]} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; ratios to the first row")
-    print(f"{'bits':>4} {'weights MB':>10} {'ratio':>6} {'after fwd':>9} {'fwd ms':>8} {'ratio':>6} "
-          f"{'cos mean':>8} {'cos min':>8}")
-    for bits, b, a, s, cm, cn in rows:
-        print(f"{bits:>4} {b / 1e6:>10.1f} {b / base[0]:>6.3f} {a / base[0]:>9.3f} {s * 1e3:>8.1f} "
-              f"{s / base[1]:>6.2f} {cm:>8.4f} {cn:>8.4f}")
+    base_bytes = rows[0][1]
+    base_secs = rows[0][3]
+    shown = args.model if name == args.model else "random SmolLM2-135M-shaped LLaMA"
+    policy = os.environ["OMP_WAIT_POLICY"]
+    print(f"model: {shown}; batch {args.batch} x {ids.shape[1]} tokens; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU, OMP_WAIT_POLICY={policy}; "
+          f"ratios to the first row")
+    print(f"{'bits':>4} {'weights MB':>10} {'ratio':>6} {'after fwd':>9} {'fwd ms':>8} "
+          f"{'ratio':>6} {'cos mean':>8} {'cos min':>8}")
+    for n_bits, b, a, s, cm, cn in rows:
+        print(f"{n_bits:>4} {b / 1e6:>10.1f} {b / base_bytes:>6.3f} {a / base_bytes:>9.3f} "
+              f"{s * 1e3:>8.1f} {s / base_secs:>6.2f} {cm:>8.4f} {cn:>8.4f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Throughput of embed.py on a shared CPU: alone, and beside a competing CPU-bound process, with OpenMP
-threads that wait passively (sentemb's default, set in support/cli.py) or spin (OMP_WAIT_POLICY=ACTIVE).
+"""Throughput of embed.py on a shared CPU: alone, and beside a competing CPU-bound process, with
+OpenMP threads that wait passively (sentemb's default, set in support/cli.py) or spin
+(OMP_WAIT_POLICY=ACTIVE).
 
     python bench/shared_cpu.py [--n 192] [--competitors 1]
 
@@ -25,7 +26,7 @@ from support.cli import data_dir
 import embed as E
 rows = (data_dir() / "sts" / "stsb" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()
 sents = [r.split("\t")[5] for r in rows][:{n}]
-e = E.Embedder(demonstrations=[], batch_size=32)
+e = E.Embedder(demonstrations=[], batch_size=32, dtype="float32")
 e.encode(sents[:32])                                  # warm-up
 t = time.perf_counter(); e.encode(sents); dt = time.perf_counter() - t
 print(json.dumps({{"policy": os.environ.get("OMP_WAIT_POLICY"), "rate": len(sents) / dt}}))
@@ -38,10 +39,12 @@ def measure(policy, n, competitors):
         env["OMP_WAIT_POLICY"] = policy
     else:
         env.pop("OMP_WAIT_POLICY", None)             # support/cli.py's default applies
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(spin) for _ in range(competitors)]
     try:
         code = CHILD.format(root=str(ROOT), n=n)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
     finally:
         for p in busy:
             p.kill()
@@ -51,7 +54,8 @@ def measure(policy, n, competitors):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=192, help="sentences per measurement")
-    ap.add_argument("--competitors", type=int, default=1, help="busy-loop processes beside the embedder")
+    ap.add_argument("--competitors", type=int, default=1,
+                    help="busy-loop processes beside the embedder")
     args = ap.parse_args()
     cores = os.cpu_count()
     print(f"{cores} cores, {args.competitors} competitor(s); sentences/s (fresh process each)")
@@ -64,8 +68,9 @@ def main():
         print(f"{name:32s} alone {alone['rate']:6.1f}   loaded {loaded['rate']:6.1f}   "
               f"loaded/alone {loaded['rate'] / alone['rate']:.2f}")
     print(f"proportional share of the cores left: {(cores - args.competitors) / cores:.2f}")
-    print(json.dumps({"cores": cores, "competitors": args.competitors, "n": args.n, "when": time.ctime(),
-                      "rates": {k: {"alone": a, "loaded": b} for k, (a, b) in rows.items()}}))
+    rates = {k: {"alone": a, "loaded": b} for k, (a, b) in rows.items()}
+    print(json.dumps({"cores": cores, "competitors": args.competitors, "n": args.n,
+                      "when": time.ctime(), "rates": rates}))
 
 
 if __name__ == "__main__":

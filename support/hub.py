@@ -1,11 +1,13 @@
-"""Used by embed, train_cse, evaluate, icl and lora: model aliases, and the Hugging Face Hub (which model.py
-never touches: model.load reads a local directory, resolved here first)."""
+"""Used by embed, train_cse, evaluate, icl and lora: model aliases and the Hugging Face Hub.
+
+model.py never touches the hub: model.load reads a local directory, which resolve() finds first."""
 import re
 from pathlib import Path
 
 from support.cli import UserError
 
-# The paper evaluates OPT 125M..66B and LLaMA-1 7B..30B; e5-mistral, gte-Qwen2, LLM2Vec build on the others.
+# The paper evaluates OPT 125M..66B and LLaMA-1 7B..30B; e5-mistral, gte-Qwen2, LLM2Vec build on
+# the others.
 OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
 ALIASES = {f"opt-{size}": f"facebook/opt-{size}" for size in OPT_SIZES}
 ALIASES.update({
@@ -25,15 +27,17 @@ REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def looks_local(name: str) -> bool:
-    """A path the user means on this machine: ./x, /x, ~/x, x/y/z, or x/y where the folder x exists here."""
+    """A path the user means on this machine: ./x, /x, ~/x, x/y/z, or x/y where the folder x
+    exists here."""
     first = name.split("/")[0]
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir()
 
 
 def hub_snapshot(repo: str, patterns: list[str], what: str = "model") -> Path:
-    """Download the files of a Hugging Face Hub repo matching `patterns` -> the local folder."""
+    """Download the files of a Hugging Face Hub repo matching `patterns` -> the local folder.
+    `what` is the flag's name (model, adapter): a path that looks local is named with it."""
     if looks_local(repo):
-        raise UserError(f"{what} {repo}: no such directory")
+        raise UserError(f"--{what} {repo}: no such directory")
     if not REPO_ID.fullmatch(repo):
         raise UserError(f"{what} {repo!r} is neither a local directory nor a Hugging Face repo id "
                         f"(owner/name)")
@@ -41,11 +45,11 @@ def hub_snapshot(repo: str, patterns: list[str], what: str = "model") -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:   # offline, unknown or gated repo
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:   # offline, unknown, gated
         lines = str(e).strip().splitlines() or [""]
-        raise UserError(f"could not fetch {what} {repo!r} from the Hugging Face Hub "
-                        f"({type(e).__name__}: {lines[0][:160]}); without network pass a local directory"
-                        ) from None
+        reason = f"{type(e).__name__}: {lines[0][:160]}"
+        raise UserError(f"could not fetch {what} {repo!r} from the Hugging Face Hub ({reason}); "
+                        f"without network pass a local directory") from None
 
 
 def resolve(name: str) -> Path:
@@ -59,13 +63,14 @@ def resolve(name: str) -> Path:
     if not REPO_ID.fullmatch(repo) and not looks_local(repo):
         raise UserError(f"unknown model {name!r}: not a local directory, an alias "
                         f"({', '.join(ALIASES)}) or a Hugging Face repo id (owner/name)")
-    meta = ["*.json", "*.txt", "tokenizer.model"]   # weights as transformers names them: not consolidated.*
+    # The weights as transformers names them: not consolidated.* (Mistral's other copy).
+    meta = ["*.json", "*.txt", "tokenizer.model"]
     path = hub_snapshot(repo, meta + ["model*.safetensors"])
-    if not any(path.glob("model*.safetensors")):    # repos that ship only pickles: .bin, read weights_only
+    if not any(path.glob("model*.safetensors")):   # repos with only pickles (read weights_only)
         path = hub_snapshot(repo, meta + ["pytorch_model*.bin"])
     return path
 
 
 def hub_id(name: str) -> str:
-    """The name an alias stands for (a hub id), else the name itself: what adapters record as their base."""
+    """The hub id an alias stands for, else the name itself: what adapters record as their base."""
     return ALIASES.get(name) or name

@@ -5,6 +5,7 @@ Unit tests read the small fixtures in tests/fixtures/. Tests that need a full da
 $SENTEMB_DATA (.ci/run points it at ../shared/data), else data/ filled by data/download.py."""
 import os
 import pathlib
+import signal
 import sys
 
 import pytest
@@ -53,3 +54,11 @@ def one_thread():
 def _seed():
     import torch
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _sigint():
+    """A test that leaves Ctrl-C ignored would pass that on to every subprocess after it."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)

