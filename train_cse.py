@@ -1,19 +1,16 @@
 #!/usr/bin/env python
-"""Supervised contrastive QLoRA fine-tuning: a decoder LLM becomes a sentence embedder (Jiang et al. 2023).
+"""Contrastive QLoRA fine-tuning: a decoder LLM becomes a sentence embedder (Jiang et al. 2023).
 
-NLI triplets (premise x, entailment x+, contradiction x-) are embedded with PromptEOL as at inference and trained
-with SimCSE's supervised InfoNCE. QLoRA: a frozen 4-bit base, LoRA r=64, alpha=16, dropout 0.05 on every linear of
-the blocks; AdamW at lr 5e-4; one epoch of 256 triplets a step.
+NLI triplets (premise x, entailment x+, contradiction x-) are embedded with PromptEOL as at
+inference and trained with SimCSE's supervised InfoNCE. QLoRA: a frozen 4-bit base, LoRA r=64,
+alpha=16, dropout 0.05 on every linear of the blocks; AdamW at lr 5e-4; one epoch, 256 a step.
 
     python train_cse.py                                   # the paper's recipe on the default model
     python train_cse.py --batch-size 64 --max-steps 24    # a CPU-sized run
+    python train_cse.py --data a.csv b.csv                # the triplets of both files, in turn
     torchrun --nproc_per_node 4 train_cse.py --model opt-6.7b --data nli_for_simcse.csv
-    python train_cse.py --resume runs/cse                 # continue exactly where a run stopped
 """
 import argparse
-import csv
-import hashlib
-import io
 import json
 import math
 import os
@@ -23,38 +20,39 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from support.cli import UserError, cli, data_dir, device
+from support.cli import UserError, cli, data_dir, device, dtype_flag
 import numpy as np
 import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import lora
 import model as M
 from embed import prompteol, render
-from support import hub
+from support import hub, nli
 from support.files import atomic, write_atomic
 from support.provenance import git_commit
 
-COLUMNS = ("sent0", "sent1", "hard_neg")            # SimCSE's nli_for_simcse.csv header
-RECIPE = ("model", "adapter", "bits", "dtype", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
-          "weight_decay", "max_grad_norm", "temp", "lora_r", "lora_alpha", "lora_dropout", "targets", "max_tokens",
-          "seed")                                                 # what a resumed run keeps
-LOCAL = ("device", "data_dir", "output", "resume")          # the machine's: never taken from a checkpoint
+RECIPE = ("model", "adapter", "bits", "dtype", "batch_size", "epochs", "max_steps", "lr",
+          "warmup_steps", "weight_decay", "max_grad_norm", "temp", "lora_r", "lora_alpha",
+          "lora_dropout", "targets", "max_tokens", "seed")   # what a resumed run keeps
+LOCAL = ("device", "data_dir", "output", "resume")   # the machine's: never taken from a checkpoint
+POSITIVE = "batch_size chunk_size epochs lr temp lora_r lora_alpha max_tokens".split()  # above 0
 
 
 # ----------------------------------------------------------------------------- the loss
 def contrastive_loss(z, temp: float):
     """Supervised SimCSE (Gao et al. 2021, eq. 5) on z (N, 3, H) = rows (x, x+, x-): row i of the
-    logits is [cos(x_i, x+_j) / temp for all j] + [cos(x_i, x-_j) / temp for all j], target j = i."""
+    logits is [cos(x_i, x+_j) / temp for all j] + [cos(x_i, x-_j) / temp for all j], target i."""
     x, pos, neg = F.normalize(z.float(), dim=-1).unbind(1)           # 3 x (N, H)
     logits = torch.cat([x @ pos.T, x @ neg.T], dim=1) / temp          # (N, 2N)
     return F.cross_entropy(logits, torch.arange(len(x), device=z.device))
 
 
 def batch_loss(local, temp):
-    """local: this rank's (3b, H) embeddings (x_1, x+_1, x-_1, x_2, ...). Every rank computes the loss of the global
-    batch; its own slice is `local` itself, which keeps its autograd graph (all_gather's copies have none)."""
+    """local: this rank's (3b, H) embeddings (x_1, x+_1, x-_1, x_2, ...). Every rank computes the
+    global batch's loss; its own part is `local`, with its graph (all_gather's copies have none)."""
     z = local
     if dist.is_initialized():                                         # under torchrun
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -66,301 +64,340 @@ def batch_loss(local, temp):
 
 # ----------------------------------------------------------------------------- gradient caching
 def embed_chunk(model, ids, mask):
-    return model(ids, mask)[:, -1].float()      # (B, T, H) -> (B, H): the last token (left padding), fp32
+    return model(ids, mask)[:, -1].float()   # (B, T, H) -> (B, H): the last token (left padding)
 
 
-def generator(device):                               # the one that draws dropout masks on `device`
-    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+def generator(device):                       # the one that draws dropout masks on `device`
+    cuda = torch.cuda.default_generators
+    return cuda[device.index or 0] if device.type == "cuda" else torch.default_generator
 
 
 def cached_step(model, chunks, temp):
-    """Full-batch gradients with memory following the chunk size, not the batch size: gradient caching (Gao et al.
-    2021). Returns the loss; a non-finite loss backpropagates nothing."""
-    device, states, parts = chunks[0][1].device, [], []
-    with torch.no_grad():                                         # 1. embed every chunk without a graph,
+    """Full-batch gradients with memory following the chunk size, not the batch size: gradient
+    caching (Gao et al. 2021). Returns the loss; a non-finite loss backpropagates nothing."""
+    device = chunks[0][1].device
+    states, parts = [], []                                  # per chunk: random state, (c, H)
+    with torch.no_grad():                                   # 1. embed every chunk without a graph,
         for _, ids, mask in chunks:
-            states.append(generator(device).get_state())          #    remembering its random state
+            states.append(generator(device).get_state())    #    remembering its random state
             parts.append(embed_chunk(model, ids, mask))
-    order = torch.argsort(torch.cat([rows for rows, _, _ in chunks]))     # chunk order -> input order
-    local = torch.cat(parts)[order].requires_grad_()              # (3b, H)
-    loss = batch_loss(local, temp)                                # 2. the loss and d loss / d embeddings
+    order = torch.argsort(torch.cat([rows for rows, _, _ in chunks]))   # chunk order -> input order
+    local = torch.cat(parts)[order].requires_grad_()        # (3b, H)
+    loss = batch_loss(local, temp)                          # 2. the loss and d loss / d embeddings
     if torch.isfinite(loss):
-        loss.backward()                                           #    -> local.grad, nothing else
-        for (rows, ids, mask), state in zip(chunks, states):
+        loss.backward()                                     #    -> local.grad, nothing else
+        for (rows, ids, mask), state in zip(chunks, states, strict=True):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                generator(device).set_state(state)                # 3. replay each chunk in its random state
-                torch.autograd.backward(embed_chunk(model, ids, mask), local.grad[rows])   # (same dropout masks)
+                generator(device).set_state(state)          # 3. replay each chunk in its random
+                z = embed_chunk(model, ids, mask)           #    state (same dropout masks): (c, H)
+                torch.autograd.backward(z, local.grad[rows])   # and backpropagate its rows' grads
     return loss.detach()
 
 
 def make_chunks(tok, ids, chunk_size, device) -> list:
-    """-> [(rows in the input list, ids, mask)], `chunk_size` sentences each, longest first (little padding)."""
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    """-> [(rows in the input list, ids, mask)], `chunk_size` sentences each, longest first."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))      # (little padding)
     groups = [order[j:j + chunk_size] for j in range(0, len(order), chunk_size)]
-    return [(torch.tensor(rows, device=device), *tok.pad([ids[i] for i in rows], device=device)) for rows in groups]
+    return [(torch.tensor(rows, device=device), *tok.pad([ids[i] for i in rows], device=device))
+            for rows in groups]
 
 
 # ----------------------------------------------------------------------------- the step
 def sum_gradients(params):
-    """Every rank backpropagated the same global loss through its own embeddings: the gradient is the SUM."""
+    """Every rank backpropagated the global loss through its own embeddings: the gradient's SUM."""
     for p in params if dist.is_initialized() else []:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         dist.all_reduce(p.grad)
 
 
 def warmup_then_decay(warmup: int, total: int):
-    """Linear warmup to the peak lr, then linear decay; step s (from 0) runs at a factor in (0, 1]."""
+    """Linear warmup to the peak lr, then linear decay; step s (from 0) has a factor in (0, 1]."""
     return lambda s: min((s + 1) / (warmup + 1), (total - s) / max(1, total - warmup))
 
 
 def train_step(run) -> dict:
-    """One optimizer step on the next global batch; a non-finite loss or gradient returns "stopped" before it."""
-    a, pos, rank, world = run.args, run.pos, run.rank, run.world
-    epoch, k = divmod(pos.step, run.steps_per_epoch)         # the data position follows from the step:
-    order = np.random.default_rng([a.seed, epoch]).permutation(len(run.triplets))   # an epoch's order is fixed
-    B, b = a.batch_size, a.batch_size // world
-    mine = order[k * B:(k + 1) * B][rank * b:(rank + 1) * b]  # this rank's share of the global batch
-    prompts = [render(run.tok, s, "eol", "", a.max_tokens, clean=False) for i in mine for s in run.triplets[i]]
-    chunks = make_chunks(run.tok, [run.tok.encode(text) for text, _ in prompts], a.chunk_size, run.device)
+    """One optimizer step on the next global batch; a non-finite loss or gradient stops first."""
+    a = run.args
+    b = a.batch_size // run.world                            # triplets per rank
+    epoch, k = divmod(run.pos.step, run.steps_per_epoch)     # the data position follows the step
+    order = np.random.default_rng([a.seed, epoch]).permutation(len(run.triplets))  # fixed an epoch
+    batch = order[k * a.batch_size:(k + 1) * a.batch_size]
+    mine = batch[run.rank * b:(run.rank + 1) * b]            # this rank's share of the global batch
+    sentences = [s for i in mine for s in run.triplets[i]]   # x_1, x+_1, x-_1, x_2, ...
+    prompts = [render(run.tok, s, "eol", "", a.max_tokens, clean=False) for s in sentences]
+    ids = [run.tok.encode(text) for text, _ in prompts]
+    chunks = make_chunks(run.tok, ids, a.chunk_size, run.device)
     t0 = time.perf_counter()
     run.opt.zero_grad(set_to_none=True)
     loss = cached_step(run.model, chunks, a.temp)
     sum_gradients(run.params)
     norm = torch.nn.utils.clip_grad_norm_(run.params, a.max_grad_norm or math.inf)
-    rec = {"step": pos.step + 1, "epoch": epoch + 1, "loss": round(loss.item(), 6), "grad_norm": round(norm.item(), 6)}
+    rec = {"step": run.pos.step + 1, "epoch": epoch + 1, "loss": round(loss.item(), 6),
+           "grad_norm": round(norm.item(), 6)}
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
         return {"event": "stopped", **rec}
     rec["lr"] = run.opt.param_groups[0]["lr"]
     run.opt.step()
     run.sched.step()
-    pos.step += 1
-    return {**rec, "seconds": round(time.perf_counter() - t0, 3), "truncated": sum(cut for _, cut in prompts)}
+    run.pos.step += 1
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    rec["truncated"] = sum(cut for _, cut in prompts)
+    return rec
 
 
-# ----------------------------------------------------------------------------- data
-def read_triplets(path) -> tuple[list, list, str]:
-    """SimCSE csv -> (triplets, line numbers of the rows skipped (a wrong field count, an empty sentence), sha256)."""
-    try:
-        raw = Path(path).read_bytes()
-        text = raw.decode("utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"no such file: {path} (run `python data/download.py --sets nli`, or pass --data)") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}:{raw.count(10, 0, e.start) + 1}: not UTF-8 text") from None   # 10 = newline
-    reader, triplets, bad = csv.reader(io.StringIO(text, newline="")), [], []
-    try:
-        header = [h.strip() for h in next(reader, [])]
-        if not set(COLUMNS) <= set(header):
-            raise UserError(f"{path}: the header is {','.join(header) or 'empty'}; expected {','.join(COLUMNS)}")
-        cols = [header.index(c) for c in COLUMNS]
-        for row in reader:
-            if row and (len(row) != len(header) or not all(row[c].strip() for c in cols)):
-                bad.append(reader.line_num)                    # (the row's last line)
-            elif row:                                          # (blank lines are not rows)
-                triplets.append(tuple(row[c] for c in cols))
-    except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: malformed csv ({e})") from None
-    if not triplets:
-        raise UserError(f"{path}: no valid triplet ({len(bad)} malformed rows)")
-    return triplets, bad, hashlib.sha256(raw).hexdigest()
+def set_precision(model, dev, dtype, rank):
+    """LoRA computes in the base's dtype over fp32 weights (the reference's autocast). On a CPU, a
+    4-bit base is dequantized once into that dtype where it takes under half the free memory: the
+    numbers bitsandbytes makes on every call. GPUs keep QLoRA's per-call path, saving memory."""
+    lora.set_compute_dtype(model, dtype)
+    quantized = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    size = sum(m.weight.quant_state.shape.numel() for m in quantized) * dtype.itemsize
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    once = dev.type == "cpu" and 0 < size < free / 2
+    if once:
+        lora.dequantize_base(model)
+    why = "on a GPU" if dev.type != "cpu" else "under half the free memory"
+    if not once and dev.type == "cpu":
+        why = "over half the free memory"
+    path = "dequantized once" if once else "dequantized on every call (QLoRA)"
+    name = str(dtype).removeprefix("torch.")
+    if rank == 0 and quantized:
+        print(f"4-bit base ({size / 2**30:.2f} GiB in {name}, {why}): {path}; "
+              f"LoRA computes in {name} over fp32 weights", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- the run and its checkpoints
+# ----------------------------------------------------------------------------- the run
 def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> SimpleNamespace:
-    """-> the run: processes, data, the model with LoRA, optimizer, schedule, position; fresh or as `ckpt` left them."""
-    dev, out = device(args.device), Path(args.output)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:                                     # under torchrun: gloo on CPUs, else NCCL with a GPU per rank
+    """-> the run: processes, data, model with LoRA, optimizer, schedule: new, or as `ckpt` was."""
+    dev = device(args.device)
+    out = Path(args.output)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:                              # torchrun: gloo on CPUs, else NCCL with a GPU a rank
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if not state and ((out / "latest").exists() or (out / "final").exists()):
-        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --output")
-    if args.eval_every:                                           # STS-B dev must be there before hours of training
+        raise UserError(f"{out} holds a run: continue it with --resume {out}, or another --output")
+    if args.eval_every:                        # STS-B dev must be there before hours of training
         data_dir(args.data_dir)
-    if not args.data:                                 # SimCSE's full file if it was downloaded, else the partial one
-        full = data_dir(args.data_dir, need="nli") / "nli" / "nli_for_simcse.csv"
-        args.data = str(full if full.exists() else full.with_name("nli_triplets_partial.csv"))
-    triplets, bad, sha = read_triplets(args.data)
-    if state and (state["data_sha256"], state["world_size"]) != (sha, world):
-        raise UserError(f"--resume {ckpt}: the run had other data or {state['world_size']} processes")
-    if args.batch_size % world or len(triplets) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size}: more than the {len(triplets)} triplets of {args.data}, "
-                        f"or not divisible by the {world} processes")
-    steps_per_epoch = len(triplets) // args.batch_size            # an epoch's last incomplete batch is dropped
+    args.data = args.data or nli.default_files(args.data_dir)
+    triplets, files = nli.read_files(args.data, say=rank == 0)
+    if len(triplets) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size}: more than the {len(triplets)} triplets")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size}: not divisible by the {world} processes")
+    now = " ".join(f["sha256"][:12] for f in files)
+    was = " ".join(sha[:12] for sha in state["data_sha256"]) if state else now
+    if state and (now, world) != (was, state["world_size"]):     # a run continues as it started
+        raise UserError(f"--resume {args.resume}: the run had {state['world_size']} process(es) "
+                        f"and data of sha256 {was}; this one {world}, --data of sha256 {now}")
+    steps_per_epoch = len(triplets) // args.batch_size    # (an epoch's last partial batch: dropped)
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    args.warmup_steps = min(100, math.ceil(0.1 * total)) if args.warmup_steps is None else args.warmup_steps
-    args.dtype = args.dtype or str(M.default_dtype(dev)).removeprefix("torch.")   # LoRA itself stays fp32
-    if rank == 0 and bad:
-        print(f"{args.data}: skipped {len(bad)} malformed row(s), line(s) {str(bad[:20])[1:-1]}", file=sys.stderr)
-    model, tok = M.load(hub.resolve(args.model), getattr(torch, args.dtype), dev, None if args.bits == "none" else int(args.bits))
-    torch.manual_seed(args.seed)                                  # the same LoRA init on every rank
+    if args.warmup_steps is None:
+        args.warmup_steps = min(100, math.ceil(0.1 * total))
+    args.dtype = args.dtype or str(M.default_dtype(dev)).removeprefix("torch.")  # (LoRA's: fp32)
+    bits = None if args.bits == "none" else int(args.bits)
+    model, tok = M.load(hub.resolve(args.model), getattr(torch, args.dtype), dev, bits)
+    torch.manual_seed(args.seed)                            # the same LoRA init on every rank
     if ckpt or args.adapter:
         lora.load_adapter(model, ckpt / "adapter" if ckpt else args.adapter)
     else:
         lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.targets)
-    params = [p for p in lora.mark_only_lora_trainable(model).train().parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)   # betas, eps: Trainer's defaults
+    set_precision(model, dev, getattr(torch, args.dtype), rank)
+    params = [p for p in lora.mark_only_lora_trainable(model).parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)  # Trainer's betas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(args.warmup_steps, total))
+    pos = SimpleNamespace(step=0, best_score=None, best_step=None)
     if state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         generator(dev).set_state(state["rng"][rank])
+        pos = SimpleNamespace(**state["position"])
     else:
-        torch.manual_seed(args.seed + rank)                       # each rank its own dropout masks
+        torch.manual_seed(args.seed + rank)                 # each rank its own dropout masks
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not state:                        # a run interrupted before its first checkpoint starts over
+    if rank == 0 and not state:                # a run stopped before its first checkpoint: anew
         (out / "log.jsonl").unlink(missing_ok=True)
-    pos = SimpleNamespace(**state["position"]) if state else SimpleNamespace(step=0, best_score=None, best_step=None)
-    return SimpleNamespace(args=args, out=out, device=dev, rank=rank, world=world, model=model, tok=tok,
-                           params=params, opt=opt, sched=sched, pos=pos, triplets=triplets, total=total,
-                           steps_per_epoch=steps_per_epoch, data_sha256=sha, malformed_lines=bad)
+    return SimpleNamespace(args=args, out=out, device=dev, rank=rank, world=world, tok=tok,
+                           model=model.train(), params=params, opt=opt, sched=sched, pos=pos,
+                           total=total, triplets=triplets, files=files, final_saved=False,
+                           steps_per_epoch=steps_per_epoch, phase="before its first step")
 
 
 def save_checkpoint(run):
-    """checkpoint-<step>/{adapter/, trainer.pt}, then `latest` naming it, each atomically; then older ones go."""
+    """checkpoint-<step>/{adapter/, trainer.pt}, then `latest` naming it, atomically; older go."""
     rngs = [generator(run.device).get_state()] * run.world
     if run.world > 1:                                             # every rank's random state
         dist.all_gather_object(rngs, rngs[0])
     if run.rank != 0:
         return
     path = run.out / f"checkpoint-{run.pos.step}"
+    trainer = {"args": vars(run.args), "position": vars(run.pos), "world_size": run.world,
+               "rng": rngs, "data_sha256": [f["sha256"] for f in run.files],
+               "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict()}
     with atomic(path) as tmp:
         tmp.mkdir()
         lora.save_adapter(run.model, tmp / "adapter", hub.hub_id(run.args.model))
-        torch.save({"args": vars(run.args), "position": vars(run.pos), "world_size": run.world, "rng": rngs,
-                    "data_sha256": run.data_sha256, "optimizer": run.opt.state_dict(),
-                    "scheduler": run.sched.state_dict()}, tmp / "trainer.pt")
+        torch.save(trainer, tmp / "trainer.pt")
     write_atomic(run.out / "latest", path.name + "\n")
     for old in set(run.out.glob("checkpoint-*")) - {path}:
         shutil.rmtree(old)
 
 
-def kept(out: Path) -> str:                          # what a stopped run leaves to continue from, in words
-    if (out / "latest").exists():
-        return f"{(out / 'latest').read_text().strip()} in {out} is kept: continue with --resume {out}"
-    return f"no checkpoint yet: the same command starts {out} over"
+def kept(run) -> str:                                # what a stopped run leaves, in words
+    latest = run.out / "latest"
+    if run.final_saved:
+        return f"the adapter of step {run.pos.step} is kept in {run.out / 'final'}"
+    if not latest.exists():
+        return f"no checkpoint yet: the same command starts {run.out} over"
+    return f"{latest.read_text().strip()} in {run.out} is kept: continue with --resume {run.out}"
 
 
-def evaluate_and_keep_best(run) -> dict:
-    """STS-B dev Spearman as evaluate.py scores the adapter (the paper's checkpoint selection); the best -> best/."""
+def log(run, record):
+    if run.rank == 0:
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def evaluate_and_keep_best(run, say):
+    """STS-B dev as evaluate.py scores the adapter, with a progress bar; the best -> best/."""
     import evaluate
-    run.model.eval()                                              # no dropout
-    encoder = SimpleNamespace(encode=lambda s: prompteol(run.model, run.tok, s).float().cpu().numpy())
-    score = evaluate.stsb_dev(encoder, data=run.args.data_dir)
+    step = run.pos.step
+    size = run.args.chunk_size
+    run.phase = f"in the STS-B dev evaluation after step {step}"
+    dev = evaluate.load_stsb(data_dir(run.args.data_dir), "dev")      # (for the bar's total)
+    bar = tqdm(total=len(set(dev.a + dev.b)), desc=f"STS-B dev, step {step}", unit="sent")
+
+    def encode(sentences):                           # -> (n, H), --chunk-size sentences a forward
+        vectors = []
+        for i in range(0, len(sentences), size):
+            vectors.append(prompteol(run.model, run.tok, sentences[i:i + size]).float().cpu())
+            bar.update(len(vectors[-1]))
+        return torch.cat(vectors).numpy()
+    run.model.eval()                                 # no dropout
+    with bar, torch.no_grad():
+        score = evaluate.stsb_dev(SimpleNamespace(encode=encode), data=run.args.data_dir)
     run.model.train()
-    if run.pos.best_score is None or score > run.pos.best_score:
-        run.pos.best_score, run.pos.best_step = score, run.pos.step
+    best = run.pos.best_score is None or score > run.pos.best_score
+    if best:                                         # (the paper's checkpoint selection)
+        run.pos.best_score, run.pos.best_step = score, step
         lora.save_adapter(run.model, run.out / "best", hub.hub_id(run.args.model))
-    return {"step": run.pos.step, "stsb_dev": round(score, 6), "best": run.pos.best_step == run.pos.step}
+    log(run, {"step": step, "stsb_dev": round(score, 6), "best": best})
+    say(f"step {step}: STS-B dev Spearman {100 * score:.2f}{' (best)' * best}", file=sys.stderr)
 
 
 def train(run):
-    from tqdm import tqdm
-    rank, world, a, out = run.rank, run.world, run.args, run.out
-
-    def log(record):
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-    log({"event": "resume" if run.pos.step else "start", "step": run.pos.step, "args": vars(a), "world_size": world,
-         "data_sha256": run.data_sha256, "malformed_lines": run.malformed_lines, "triplets": len(run.triplets),
-         "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total, "commit": git_commit()})
-    start, saved_at = run.pos.step, time.monotonic()
-    with tqdm(total=run.total, initial=run.pos.step, unit="step", disable=rank != 0, smoothing=0) as bar:
+    """Steps, evaluating and checkpointing on the way; then final/, then its STS-B dev score."""
+    a = run.args
+    log(run, {"event": "resume" if run.pos.step else "start", "step": run.pos.step, "args": vars(a),
+              "world_size": run.world, "data": run.files, "steps_per_epoch": run.steps_per_epoch,
+              "total_steps": run.total, "commit": git_commit()})
+    start = run.pos.step
+    saved_at = time.monotonic()
+    with tqdm(total=run.total, initial=start, unit="step", disable=run.rank, smoothing=0) as bar:
         while run.pos.step < run.total:
+            run.phase = f"in step {run.pos.step + 1}"
             rec = train_step(run)
-            log(rec)
+            log(run, rec)
             if rec.get("event") == "stopped":
-                raise UserError(f"loss {rec['loss']}, gradient norm {rec['grad_norm']} at step {rec['step']}: "
-                                f"stopped before updating the adapter; {kept(out)}")
+                raise UserError(f"loss {rec['loss']}, gradient norm {rec['grad_norm']} at step "
+                                f"{rec['step']}: stopped before updating the adapter; {kept(run)}")
             bar.update(1)
             bar.set_postfix_str(f"loss {rec['loss']:.4f}")
-            step, left = run.pos.step, run.total - run.pos.step
-            if step == start + 1 and rank == 0:
-                bar.write(f"{len(run.triplets)} triplets from {a.data}, {a.batch_size} a step: step {step} took "
-                          f"{rec['seconds']:.0f} s, the {left} steps left take about "
-                          f"{left * rec['seconds'] / 3600:.1f} h -> {out}", file=sys.stderr)
-            if a.eval_every and rank == 0 and (step % a.eval_every == 0 or step == run.total):
-                log(ev := evaluate_and_keep_best(run))
-                bar.write(f"step {step}: STS-B dev Spearman {100 * ev['stsb_dev']:.2f}{' (best)' * ev['best']}",
-                          file=sys.stderr)
-            due = [left > 0 and ((a.save_every and step % a.save_every == 0)
-                                 or (a.save_minutes and time.monotonic() - saved_at > 60 * a.save_minutes))]
-            if world > 1:
-                dist.broadcast_object_list(due, 0)                # rank 0's clock decides for all
+            step = run.pos.step
+            if step == start + 1 and run.rank == 0:         # the run's time, from its first step
+                left = run.total - step
+                eta = f"; the {left} steps left take about {left * rec['seconds'] / 60:.0f} min"
+                bar.write(f"{len(run.triplets)} triplets, {a.batch_size} a step: step {step} took "
+                          f"{rec['seconds']:.0f} s{eta * bool(left)} -> {run.out}", file=sys.stderr)
+            if a.eval_every and step % a.eval_every == 0 and step < run.total and run.rank == 0:
+                evaluate_and_keep_best(run, bar.write)
+            by_time = a.save_minutes and time.monotonic() - saved_at > 60 * a.save_minutes
+            due = [step < run.total and ((a.save_every and step % a.save_every == 0) or by_time)]
+            if run.world > 1:
+                dist.broadcast_object_list(due, 0)        # rank 0's clock decides for all
             if due[0]:
+                run.phase = f"after step {step}, saving checkpoint-{step}"
                 save_checkpoint(run)
                 saved_at = time.monotonic()
-    if rank == 0:
-        lora.save_adapter(run.model, out / "final", hub.hub_id(a.model))
-        log({"event": "done", **vars(run.pos)})
-        print(f"done: {run.pos.step} steps -> {out / 'final'}\nevaluate: python evaluate.py --model {a.model} "
-              f"--demonstration none --adapter {out / 'final'}")   # the paper tests on the unquantized base
+    final = run.out / "final"                            # first: nothing after it loses the run
+    if run.rank == 0:
+        run.phase = f"after step {run.pos.step}, saving {final}"
+        lora.save_adapter(run.model, final, hub.hub_id(a.model))
+        run.final_saved = True
+        if a.eval_every:
+            evaluate_and_keep_best(run, print)
+        log(run, {"event": "done", **vars(run.pos)})
+        print(f"done: {run.pos.step} steps -> {final}\nevaluate: python evaluate.py --model "
+              f"{a.model} --demonstration none --adapter {final}")   # (the unquantized base)
 
 
 # ----------------------------------------------------------------------------- CLI
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the paper's recipe.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults: the paper's.")
     a = p.add_argument
-    a("--model", default=hub.DEFAULT_MODEL, help="alias, local directory or hub id (default %(default)s)")
-    a("--adapter", help="start from this LoRA adapter (PEFT format), with its own rank, alpha and dropout")
-    a("--data", help="SimCSE csv, sent0,sent1,hard_neg (default: <data dir>/nli/, the full file or the partial one)")
+    a("--model", default=hub.DEFAULT_MODEL, help="alias, local dir or hub id (default %(default)s)")
+    a("--adapter", help="start from this LoRA adapter (PEFT format), with its rank, alpha, dropout")
+    a("--data", nargs="+", metavar="CSV", help="SimCSE csv file(s) (sent0,sent1,hard_neg), joined "
+      "(default: <data dir>/nli/nli_for_simcse.csv if there, else every nli_triplets_*.csv there)")
     a("--data-dir", help="data folder with nli/ and sts/ (default: $SENTEMB_DATA, else ./data)")
-    a("--output", default="runs/cse", help="run folder: log.jsonl, checkpoint-<step>/ named by `latest`, best/ (by "
-      "STS-B dev) and final/ adapters (default runs/cse; with --resume, the checkpoint's)")
-    a("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun, rank i takes cuda:i)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="the base's compute precision (default: bfloat16 "
-      "on GPUs and CPUs with native bf16, else float32); LoRA weights and the optimizer stay float32")
-    a("--bits", choices=["4", "8", "none"], default="4", help="quantize the frozen base: 4 (NF4, QLoRA; default), 8")
-    a("--batch-size", type=int, default=256, help="triplets per step over all processes (default 256)")
-    a("--chunk-size", type=int, default=32, help="sentences per forward pass: bounds memory (default 32)")
+    a("--output", default="runs/cse", help="run folder: log, checkpoints, best/, final/ (runs/cse)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun rank i: cuda:i)")
+    dtype_flag(p, " for the base; LoRA weights and the optimizer stay float32")
+    a("--bits", choices=["4", "8", "none"], default="4", help="quantize the base (default 4: NF4)")
+    a("--batch-size", type=int, default=256, help="triplets a step, all processes (default 256)")
+    a("--chunk-size", type=int, default=32, help="sentences a forward: bounds memory (default 32)")
     a("--epochs", type=int, default=1, help="passes over the data (default 1)")
-    a("--max-steps", type=int, default=0, help="steps to run; the schedule ends there (default 0: all epochs)")
+    a("--max-steps", type=int, default=0, help="steps to run, the schedule's end (default: epochs)")
     a("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    a("--warmup-steps", type=int, help="linear warmup steps, then linear decay (default 100, or 10%% of the steps)")
+    a("--warmup-steps", type=int, help="linear warmup, then decay (default 100, or 10%% of steps)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (default 1; 0 = off)")
-    a("--temp", type=float, default=0.05, help="softmax temperature on cosine similarities (default 0.05)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (default 1; 0: off)")
+    a("--temp", type=float, default=0.05, help="softmax temperature on cosines (default 0.05)")
     a("--lora-r", type=int, default=64, help="LoRA rank (default 64)")
-    a("--lora-alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    a("--lora-alpha", type=float, default=16, help="LoRA alpha; updates scale alpha/r (default 16)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
-    a("--targets", default="all-linear", help="LoRA targets: all-linear (default) or a regex of layer names (PEFT's)")
-    a("--max-tokens", type=int, default=32, help="cut each sentence to this many tokens (default 32)")
-    a("--seed", type=int, default=42, help="seed of the LoRA init, data order and dropout (default 42)")
-    a("--eval-every", type=int, default=50, help="STS-B dev every N steps and at the end (default 50; 0 = never)")
-    a("--save-every", type=int, default=10, help="checkpoint every N steps (default 10; 0 = never)")
-    a("--save-minutes", type=float, default=30, help="and every N minutes (default 30; 0 = never)")
-    a("--resume", metavar="DIR", help="continue a run (its folder or a checkpoint-<step>) with its recipe")
+    a("--targets", default="all-linear", help="all-linear (default) or a regex of layer names")
+    a("--max-tokens", type=int, default=32, help="cut each sentence to N tokens (default 32)")
+    a("--seed", type=int, default=42, help="seed of LoRA init, data order, dropout (default 42)")
+    a("--eval-every", type=int, default=50, help="STS-B dev every N steps, at the end (50; 0: off)")
+    a("--save-every", type=int, default=10, help="checkpoint every N steps (default 10; 0: never)")
+    a("--save-minutes", type=float, default=30, help="and every N minutes (default 30; 0: never)")
+    a("--resume", metavar="DIR", help="continue a run (its folder, or a checkpoint-<step>) as is")
     return p
 
 
 def parse_args(argv=None):
-    """-> (args, checkpoint, state). --resume: all but LOCAL settings from the checkpoint; other RECIPE refused."""
+    """-> (args, checkpoint, state). --resume: all but LOCAL from the checkpoint; no new RECIPE."""
     p = parser()
     args = p.parse_args(argv)
-    p.set_defaults(**dict.fromkeys(vars(args)))                  # parsed again without defaults: the flags given
+    p.set_defaults(**dict.fromkeys(vars(args)))           # parsed again with no defaults: the given
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = state = None
-    if args.resume:                                # a checkpoint folder, or a run folder whose `latest` names one
+    if args.resume:                        # a checkpoint, or a run folder whose `latest` names one
         ckpt = Path(args.resume)
-        ckpt = ckpt / (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else ckpt
+        if (ckpt / "latest").exists():
+            ckpt = ckpt / (ckpt / "latest").read_text().strip()
         if not (ckpt / "trainer.pt").exists():
-            raise UserError(f"--resume {args.resume}: no checkpoint there (nor a `latest` file naming one)")
+            raise UserError(f"--resume {args.resume}: no checkpoint (nor a `latest` naming one)")
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         old = state["args"]
+        if isinstance(old["data"], str):                  # a checkpoint of a one-file run
+            old["data"], state["data_sha256"] = [old["data"]], [state["data_sha256"]]
         changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {old[k]})" for k in RECIPE
                    if given.get(k, old[k]) != old[k]]
         if changed:
-            raise UserError(f"--resume {args.resume}: the run was started otherwise: {'; '.join(changed)}")
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in old.items() if k not in LOCAL}, **given})
+            raise UserError(f"--resume {args.resume}: the run was started otherwise: "
+                            + "; ".join(changed))
+        taken = {k: v for k, v in old.items() if k not in LOCAL}
+        args = argparse.Namespace(**{**vars(args), **taken, **given})
         args.output = given.get("output", str(ckpt.parent))
-    positive = ("batch_size", "chunk_size", "epochs", "lr", "temp", "lora_r", "lora_alpha", "max_tokens")
-    bad = [k for k, v in vars(args).items() if type(v) in (int, float) and (v < 0 or v == 0 and k in positive)]
-    bad += ["lora_dropout"] * (args.lora_dropout >= 1)
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if type(v) in (int, float)
+           and (v < 0 or (v == 0 and k in POSITIVE) or (k == "lora_dropout" and v >= 1))]
     if bad:
-        raise UserError("out of range: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in bad))
+        raise UserError("out of range: " + ", ".join(bad))
     return args, ckpt, state
 
 
@@ -370,9 +407,9 @@ def main(argv=None) -> int:
     def run(argv):
         runs.append(prepare(*parse_args(argv)))
         train(runs[0])
-    try:
-        return cli(run, argv, lambda: f"at step {runs[0].pos.step + 1}, {kept(runs[0].out)}" if runs
-                          else "nothing was written")
+    try:                                                # Ctrl-C: where it stopped, what is kept
+        return cli(run, argv, lambda: f"{runs[0].phase}, {kept(runs[0])}" if runs
+                   else "nothing was written")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
