@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from support.cli import (UserError, cli, device, embedder_flags, parse_demonstrations, positive,
-                         writable)
+from support.cli import (UserError, cli, default_dtype, device, embedder_flags,
+                         parse_demonstrations, positive, writable)
 import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 from tqdm import tqdm
 
 import model as M
-from support import corpus, hub
+from support import corpus, hub, tokenizer
 from support.cache import fingerprint
 from support.files import atomic
 
@@ -135,10 +135,12 @@ class Embedder:
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         auto = device == "auto"            # loaded on the CPU, then spread by corpus.spread
-        if auto and torch.cuda.device_count() > 0:
-            dtype = dtype or M.default_dtype("cuda")     # the GPUs' precision, not the CPU's
-        self.model, self.tok = M.load(hub.resolve(model), dtype=dtype,
-                                      device="cpu" if auto else device, bits=bits)
+        where = "cpu" if auto else device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:                  # auto: the GPUs' precision, not the CPU's
+            dtype = default_dtype("cuda" if auto and torch.cuda.device_count() else where)
+        path = hub.resolve(model)
+        self.model = M.load(path, dtype=dtype, device=where, bits=bits)
+        self.tok = tokenizer.load(path, self.model.config)
         if adapter:
             import lora
             lora.load_adapter(self.model, adapter)

@@ -6,7 +6,7 @@ so training starts from the base model exactly. QLoRA (Dettmers et al. 2023, arX
 keeps W0 in 4-bit NF4 (model.load(..., bits=4)) and trains A, B in higher precision on every linear
 layer of the blocks; PromptEOL fine-tuning (Jiang et al. 2023) uses r=64, alpha=16, dropout 0.05.
 
-    m, tok = model.load(hub.resolve("opt-2.7b"), bits=4)
+    m = model.load(hub.resolve("opt-2.7b"), bits=4)
     add_lora(m); mark_only_lora_trainable(m)               # ... train ...
     save_adapter(m, "runs/a", "facebook/opt-2.7b")        # loads in PEFT: PeftModel.from_pretrained
     load_adapter(other, "royokong/prompteol-opt-2.7b")     # PEFT adapters load here

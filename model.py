@@ -1,16 +1,14 @@
 """A hand-written decoder for OPT and LLaMA-family (LLaMA, Mistral, Qwen2) checkpoints: final hidden
 states, a key/value cache for a shared prompt prefix, the LM head. Hugging Face module names, so
 checkpoints and PEFT adapters map by name. It reads a local Hugging Face directory and imports only
-torch, safetensors and tokenizers (bitsandbytes to quantize), so it can be copied out alone.
+torch and safetensors (bitsandbytes to quantize), so it can be copied out alone.
 
-    model, tok = load("path/to/opt-125m")      # support.hub.resolve turns aliases, hub ids into one
-    ids, mask = tok.pad([tok.encode("A man plays a guitar.")])
-    hidden = model(ids, mask)                  # (B, T, H)
+    model = load("path/to/opt-125m", dtype=torch.bfloat16)    # support.hub.resolve finds the folder
+    hidden = model(ids, mask)                    # (B, T) left-padded token ids -> (B, T, H)
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,56 +327,6 @@ class Decoder(nn.Module):
         return self.lm_head(hidden)
 
 
-@dataclass
-class Tokenizer:
-    """A `tokenizers` tokenizer plus the family's BOS rule and left padding."""
-    tok: object                  # tokenizers.Tokenizer
-    bos_id: int | None           # what encode() prepends; None: nothing
-    pad_id: int
-    eos_id: int | None
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
-
-    def pad(self, seqs: list[list[int]], device=None):
-        """Token lists -> ids, mask (B, T), padded left: each row ends in its last real token."""
-        T = max(len(s) for s in seqs)
-        ids = [[self.pad_id] * (T - len(s)) + s for s in seqs]
-        mask = [[0] * (T - len(s)) + [1] * len(s) for s in seqs]
-        return (torch.tensor(ids, dtype=torch.long, device=device),
-                torch.tensor(mask, dtype=torch.long, device=device))
-
-
-def load_tokenizer(path: Path, c: Config) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
-    tcfg_file = path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.exists() else {}
-    if (path / "tokenizer.json").exists():
-        tok = HFTok.from_file(str(path / "tokenizer.json"))
-        # Its post-processor prepends BOS or not (LLaMA: yes, SmolLM2: no); add_bos_token rules.
-        probe = tok.encode("a", add_special_tokens=True).ids
-        adds_bos = len(probe) > len(tok.encode("a", add_special_tokens=False).ids)
-        add_bos = tcfg.get("add_bos_token", adds_bos)
-        bos = probe[0] if adds_bos else c.bos_token_id
-    elif (path / "vocab.json").exists() and (path / "merges.txt").exists():   # OPT: GPT-2's BPE
-        tok = HFTok(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        specials = ("<s>", "<pad>", "</s>", "<unk>")
-        tok.add_special_tokens([t for t in specials if tok.token_to_id(t) is not None])
-        add_bos = tcfg.get("add_bos_token", True)
-        bos = c.bos_token_id                  # OPT prepends </s> (id 2)
-    else:
-        raise ModelError(f"no tokenizer in {path}: expected tokenizer.json or vocab.json + "
-                         f"merges.txt")
-    pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
-    return Tokenizer(tok, bos if add_bos else None, pad, c.eos_token_id)
-
-
 def read_checkpoint(path: Path):
     """Yield (name, tensor) from safetensors (sharded or not), else .bin with weights_only."""
     from safetensors import SafetensorError, safe_open
@@ -401,22 +349,6 @@ def read_checkpoint(path: Path):
         yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def default_dtype(device) -> torch.dtype:
-    """$SENTEMB_DTYPE if set; else bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16,
-    AMX), float32 where bf16 is emulated (slower)."""
-    forced = os.environ.get("SENTEMB_DTYPE")
-    if forced:
-        if forced not in ("float32", "bfloat16", "float16"):
-            raise ModelError(f"SENTEMB_DTYPE={forced}: use float32, bfloat16 or float16")
-        return getattr(torch, forced)
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")     # absent in older torch
-    checks = [getattr(torch.cpu, name, None) for name in names]
-    native = any(check is not None and check() for check in checks)
-    return torch.bfloat16 if native else torch.float32
-
-
 def read_config(path: Path) -> Config:
     """path/config.json -> Config; a missing, broken or incomplete file is a ModelError."""
     file = path / "config.json"
@@ -434,8 +366,8 @@ def read_config(path: Path) -> Config:
 
 
 def load(path, dtype=None, device=None, bits=None):
-    """A local Hugging Face directory -> (Decoder in eval mode, Tokenizer). bits=4/8 quantizes the
-    linears but the head (QLoRA's base); a base model (no LM head, untied) gets lm_head None."""
+    """A local Hugging Face directory -> the Decoder, in eval mode. bits=4/8 quantizes the linears
+    but the head (QLoRA's base); a base model (no LM head, untied) gets lm_head None."""
     if bits not in (None, 4, 8):
         raise ModelError(f"bits must be 4 or 8 (quantization; precision is dtype's), not {bits!r}")
     path = Path(path)
@@ -444,7 +376,7 @@ def load(path, dtype=None, device=None, bits=None):
     c = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or torch.get_default_dtype()     # the CLIs pass support.cli.default_dtype's
     with torch.device("meta"):   # no memory until a checkpoint tensor is assigned
         model = Decoder(c, path)
     tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
@@ -483,7 +415,7 @@ def load(path, dtype=None, device=None, bits=None):
     elif "lm_head.weight" not in seen:
         model.lm_head = None                          # a base model: embeddings only
     model.eval().requires_grad_(False)
-    return model, load_tokenizer(path, c)
+    return model
 
 
 def quantize(lin: nn.Linear, bits, dtype, device):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from support.cli import UserError, cli, data_dir, device, dtype_flag
+from support.cli import UserError, cli, data_dir, default_dtype, device, dtype_flag
 import numpy as np
 import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from tqdm import tqdm
 import lora
 import model as M
 from embed import prompteol, render
-from support import hub, nli
+from support import hub, nli, tokenizer
 from support.files import atomic, write_atomic
 from support.provenance import git_commit
 
@@ -197,9 +197,11 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     if args.warmup_steps is None:
         args.warmup_steps = min(100, math.ceil(0.1 * total))
-    args.dtype = args.dtype or str(M.default_dtype(dev)).removeprefix("torch.")  # (LoRA's: fp32)
+    args.dtype = args.dtype or str(default_dtype(dev)).removeprefix("torch.")  # (LoRA's: fp32)
     bits = None if args.bits == "none" else int(args.bits)
-    model, tok = M.load(hub.resolve(args.model), getattr(torch, args.dtype), dev, bits)
+    path = hub.resolve(args.model)
+    model = M.load(path, getattr(torch, args.dtype), dev, bits)
+    tok = tokenizer.load(path, model.config)
     torch.manual_seed(args.seed)                            # the same LoRA init on every rank
     if ckpt or args.adapter:
         lora.load_adapter(model, ckpt / "adapter" if ckpt else args.adapter)

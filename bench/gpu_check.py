@@ -195,7 +195,7 @@ def last_token_cosines(cfg, folder, conf, dtype, device, bits):
     4-bit linears each has."""
     import model as M
     ids, mask = left_padded_batch(device)
-    ours, _ = M.load(str(folder), dtype=dtype, device=device, bits=bits)
+    ours = M.load(str(folder), dtype=dtype, device=device, bits=bits)
     got = ours(ids, mask)[:, -1].float()                                  # (B, H)
     ref = transformers_model(folder, conf, dtype, device, bits)
     quantized = (count_4bit(ours), count_4bit(ref))

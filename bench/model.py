@@ -37,7 +37,7 @@ def main():
         transformers.LlamaForCausalLM(conf).save_pretrained(d)
         (pathlib.Path(d) / "vocab.json").write_text('{"a": 0}')
         (pathlib.Path(d) / "merges.txt").write_text("#version: 0.2\n")
-        ours, _ = M.load(d, dtype=torch.float32, device="cpu")   # the bench compares fp32
+        ours = M.load(d, dtype=torch.float32, device="cpu")   # the bench compares fp32
     ours.model.load_state_dict(ref.state_dict())
     ids = torch.randint(0, conf.vocab_size, (args.batch, args.tokens))
     mask = torch.ones_like(ids)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import lora  # noqa: E402
 import model as M  # noqa: E402
-from support import hub, nli  # noqa: E402
+from support import hub, nli, tokenizer  # noqa: E402
 import train_cse as T  # noqa: E402
 from embed import render  # noqa: E402
 
@@ -38,7 +38,9 @@ LORA = dict(r=64, alpha=16, dropout=0.05)   # the paper's recipe, as train_cse.p
 def ours(name, dtype):
     """model.load with a 4-bit base + lora.add_lora on all block linears -> (Decoder, tokenizer,
     embed)."""
-    model, tok = M.load(hub.resolve(name), dtype, "cpu", bits=4)
+    path = hub.resolve(name)
+    model = M.load(path, dtype, "cpu", bits=4)
+    tok = tokenizer.load(path, model.config)
     torch.manual_seed(0)
     lora.add_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], "all-linear")
     lora.mark_only_lora_trainable(model).train()

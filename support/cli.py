@@ -107,6 +107,23 @@ def dtype_flag(p, help_tail=""):
                         f"CPUs with native bf16, else float32){help_tail}")
 
 
+def default_dtype(device):
+    """$SENTEMB_DTYPE if set; else bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16,
+    AMX), float32 where bf16 is emulated (slower)."""
+    import torch
+    forced = os.environ.get("SENTEMB_DTYPE")
+    if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"SENTEMB_DTYPE={forced}: use float32, bfloat16 or float16")
+        return getattr(torch, forced)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")     # absent in older torch
+    checks = [getattr(torch.cpu, name, None) for name in names]
+    native = any(check is not None and check() for check in checks)
+    return torch.bfloat16 if native else torch.float32
+
+
 def positive(**flags):
     """Fail on the first flag whose value is set and below 1, naming it as the user typed it."""
     for name, value in flags.items():

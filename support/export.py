@@ -19,6 +19,7 @@ from support.cli import DTYPES, UserError, device, parse_demonstrations
 from support.files import atomic
 from support.hub import hub_id, hub_snapshot, resolve
 from support.provenance import git_commit
+from support import tokenizer
 
 # As embed.py renders prompts (tests/test_support_export.py checks that they agree).
 TEMPLATES = {"eol": 'This sentence : "{sentence}" means in one word:"',
@@ -226,7 +227,8 @@ def merge(model, adapter, output, *, load, load_adapter, merge_lora, dtype=None,
     cfg = json.loads((base / "config.json").read_text())
     dtype = dtype or next((cfg[k] for k in ("dtype", "torch_dtype") if cfg.get(k) in DTYPES),
                           "float32")
-    m, tok = load(base, dtype=getattr(torch, dtype), device=where, bits=bits)
+    m = load(base, dtype=getattr(torch, dtype), device=where, bits=bits)
+    tok = tokenizer.load(base, m.config)
     if bits:
         dequantize_all(m, getattr(torch, dtype))
     load_adapter(m, adapter)

@@ -40,7 +40,7 @@ def ckpt(tmp_path_factory):
 
 def ours(ckpt, name, dtype=torch.float32, **kw):
     """Our model of a saved checkpoint, float32 unless told: the parity tests' precision."""
-    return M.load(ckpt[name][1], dtype=dtype, device="cpu", **kw)[0]
+    return M.load(ckpt[name][1], dtype=dtype, device="cpu", **kw)
 
 
 def randomize_B(model, scale=0.05):   # B = 0 makes every check trivial
@@ -124,7 +124,7 @@ def test_all_linear_and_4bit_take_opt350ms_projections(tmp_path):
     ref = peft.get_peft_model(hf_model(cfg), conf)
     want = {n.removeprefix("base_model.model.") for n, mod in ref.named_modules()
             if hasattr(mod, "lora_A")}
-    m = L.add_lora(M.load(tmp_path, bits=4)[0], r=4)         # the machine's default precision
+    m = L.add_lora(M.load(tmp_path, bits=4), r=4)         # the machine's default precision
     assert set(L._lora_layers(m)) == want
     assert {"model.decoder.project_in", "model.decoder.project_out"} <= want
     assert isinstance(L._lora_layers(m)["model.decoder.project_in"].base_layer, bnb.nn.Linear4bit)
@@ -189,7 +189,7 @@ def test_mismatched_adapters_fail_clearly(ckpt, tmp_path):
     # same names, other widths: the first mis-shaped tensor is named
     wide = dict(LLAMA, intermediate_size=192)
     save(hf_model(wide), tmp_path / "wide")
-    wide_model = M.load(tmp_path / "wide")[0]
+    wide_model = M.load(tmp_path / "wide")
     L.save_adapter(L.add_lora(wide_model, r=4, targets=["up_proj"]), tmp_path / "w")
     m = ours(ckpt, "llama")
     with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj\.lora_B\.weight has "

@@ -170,22 +170,33 @@ def test_writable_fails_before_any_work(tmp_path):
         C.writable("--plot", tmp_path / "new" / "p.png")
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32),
+                                                    (True, False, torch.bfloat16),
+                                                    (False, True, torch.bfloat16)])
+def test_default_dtype_follows_the_cpu(avx512_bf16, amx, want, monkeypatch):
+    monkeypatch.delenv("SENTEMB_DTYPE", raising=False)     # the machine's default, not a forced one
+    assert C.default_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert C.default_dtype("cpu") == want
+
+
 def test_sentemb_dtype_sets_the_default_precision(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     monkeypatch.delenv("SENTEMB_DTYPE", raising=False)
-    assert M.default_dtype("cpu") == torch.bfloat16          # a native-bf16 CPU
+    assert C.default_dtype("cpu") == torch.bfloat16          # a native-bf16 CPU
     monkeypatch.setenv("SENTEMB_DTYPE", "float32")
-    assert M.default_dtype("cpu") == torch.float32
-    assert M.default_dtype("cuda") == torch.float32
+    assert C.default_dtype("cpu") == torch.float32
+    assert C.default_dtype("cuda") == torch.float32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setenv("SENTEMB_DTYPE", "bfloat16")
-    assert M.default_dtype("cpu") == torch.bfloat16          # emulated, but asked for
+    assert C.default_dtype("cpu") == torch.bfloat16          # emulated, but asked for
     monkeypatch.setenv("SENTEMB_DTYPE", "fp32")
     want = r"^SENTEMB_DTYPE=fp32: use float32, bfloat16 or float16$"
-    with pytest.raises(M.ModelError, match=want):
-        M.default_dtype("cpu")
+    with pytest.raises(C.UserError, match=want):
+        C.default_dtype("cpu")
 
 
 SCRIPTS = ["embed", "lora", "evaluate", "icl", "train_cse", "support.gguf"]
@@ -288,11 +299,11 @@ def python_files(*skip: str) -> list[Path]:
     return files
 
 
-def test_model_py_imports_only_the_standard_library_torch_safetensors_tokenizers():
-    allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "tokenizers", "bitsandbytes"}
+def test_model_py_imports_only_the_standard_library_torch_safetensors():
+    allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "bitsandbytes"}
     tops = {name.split(".")[0] for name in imported(ROOT / "model.py")}
     assert tops <= allowed, sorted(tops - allowed)
-    assert "torch" in tops and "tokenizers" in tops    # the check sees lazy imports too
+    assert "torch" in tops and "bitsandbytes" in tops    # the check sees lazy imports too
 
 
 def test_support_imports_no_stage():

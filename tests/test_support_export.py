@@ -36,7 +36,7 @@ def trained(tmp, cfg, bits=None, targets="all-linear"):
     """A base checkpoint and a PEFT adapter with random (non-zero) B, as training leaves one."""
     base = tmp / "base"
     save(hf_model(cfg), base)
-    m = M.load(base, dtype=torch.float32, device="cpu", bits=bits)[0]
+    m = M.load(base, dtype=torch.float32, device="cpu", bits=bits)
     L.add_lora(m, r=4, targets=targets)
     with torch.no_grad():
         for layer in L._lora_layers(m).values():

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import lora as L
 import model as M
 import train_cse as T
-from support import nli
+from support import nli, tokenizer
 from conftest import FIXTURES
 
 LLAMA = dict(model_type="llama", vocab_size=400, hidden_size=64, num_hidden_layers=2,
@@ -40,7 +40,8 @@ def tiny(tmp_path_factory):
 
 
 def lora_model(path, r=8, dropout=0.0, seed=0):
-    m, tok = M.load(path, dtype=torch.float32, device="cpu")
+    m = M.load(path, dtype=torch.float32, device="cpu")
+    tok = tokenizer.load(path, m.config)
     torch.manual_seed(seed)
     L.mark_only_lora_trainable(L.add_lora(m, r=r, alpha=16, dropout=dropout))
     with torch.no_grad():                          # B = 0 would make A's gradients vanish
@@ -118,7 +119,8 @@ def test_4bit_base_evaluation_between_steps_changes_nothing(tiny):
     base as it was (bitsandbytes' CPU repacking round trip is lossy) and gradient caching exact."""
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import dequantize_4bit
-    q, tok = M.load(tiny, dtype=torch.float32, device="cpu", bits=4)
+    q = M.load(tiny, dtype=torch.float32, device="cpu", bits=4)
+    tok = tokenizer.load(tiny, q.config)
     L.mark_only_lora_trainable(L.add_lora(q, r=8, alpha=16, dropout=0.1))
     trained = {k: v for k, v in lora_model(tiny)[0].state_dict().items() if "lora_" in k}
     q.load_state_dict(trained, strict=False)
