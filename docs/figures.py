@@ -227,7 +227,21 @@ def main(argv=None):
                    help="folder of the records (default results/)")
     p.add_argument("--out", type=Path, default=ROOT / "docs",
                    help="folder for the PNG files (default docs/)")
+    p.add_argument("--scaling", type=Path, metavar="RECORD",
+                   help="only draw scaling.png from an evaluate.py --tasks sts record of models")
     a = p.parse_args(argv)
+    if a.scaling:                    # python evaluate.py --tasks sts --model A B C --output RECORD
+        record = _read(a.scaling)
+        rows = []
+        for r in record.get("rows", [record]):
+            params = r.get("params") or PARAMS.get(r["model"])
+            if params is None:
+                raise UserError(f"{a.scaling}: no parameter count for {r['model']}")
+            rows.append({"model": r["model"], "params": params, "avg": sts_avg(r)})
+        a.out.mkdir(parents=True, exist_ok=True)
+        scaling(rows, a.out / "scaling.png")
+        print(f"wrote {a.out / 'scaling.png'}")
+        return
     if not a.results.is_dir():
         raise UserError(f"no folder {a.results}: pass --results with the folder of the JSON "
                         f"records")
