@@ -234,10 +234,11 @@ def main(argv=None):
         record = _read(a.scaling)
         rows = []
         for r in record.get("rows", [record]):
-            params = r.get("params") or PARAMS.get(r["model"])
+            name = r.get("model") or r["encoder"]["model"]     # older records: the encoder's
+            params = r.get("params") or PARAMS.get(name)
             if params is None:
-                raise UserError(f"{a.scaling}: no parameter count for {r['model']}")
-            rows.append({"model": r["model"], "params": params, "avg": sts_avg(r)})
+                raise UserError(f"{a.scaling}: no parameter count for {name}")
+            rows.append({"model": name, "params": params, "avg": sts_avg(r)})
         a.out.mkdir(parents=True, exist_ok=True)
         scaling(rows, a.out / "scaling.png")
         print(f"wrote {a.out / 'scaling.png'}")
