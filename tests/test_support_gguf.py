@@ -56,7 +56,9 @@ def converted(cache):
 @pytest.fixture(scope="module")
 def loaded(converted):
     import model
-    return model.load(str(converted), dtype=torch.float32, device="cpu")
+    from support import tokenizer
+    decoder = model.load(str(converted), dtype=torch.float32, device="cpu")
+    return decoder, tokenizer.load(converted, decoder.config)
 
 
 @pytest.mark.slow
