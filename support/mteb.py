@@ -49,7 +49,11 @@ def get_task(name: str):
 
 def load_data(task):
     """mteb's own data for the task (the Hugging Face hub or its cache); unreachable: one line."""
+    import datasets
+    import huggingface_hub
     from datasets.exceptions import DatasetNotFoundError
+    datasets.utils.logging.set_verbosity_error()          # no retry warnings before our one line
+    huggingface_hub.utils.logging.set_verbosity_error()
     try:
         task.load_data()
     except (OSError, DatasetNotFoundError) as e:   # offline (ConnectionError), not cached, gated
