@@ -25,7 +25,7 @@ import numpy as np
 
 import evaluate as ev
 from support.cache import CachedEncoder
-from support.cli import (REPO, UserError, cli, data_dir, device, dtype_flag, parse_demonstrations,
+from support.cli import (REPO, UserError, cli, data_dir, device, model_flags, parse_demonstrations,
                          positive, writable)
 from support.files import write_atomic
 from support.hub import DEFAULT_MODEL
@@ -363,15 +363,7 @@ def parser():
     shared = argparse.ArgumentParser(add_help=False)   # both commands' flags, as embed.py's
     a = shared.add_argument
     a("--model", default=DEFAULT_MODEL, help=f"model alias or path (default {DEFAULT_MODEL})")
-    a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
-    a("--max-tokens", type=int,
-      help="cut each sentence to this many tokens (default: no cut, as the paper)")
-    a("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
-    a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    dtype_flag(shared)
-    a("--bits", type=int, choices=[4, 8],
-      help="quantize the linears but the LM head to 4 or 8 bits (bitsandbytes)")
-    a("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
+    model_flags(shared)
     a("--seed", type=int, default=0, help="sampling seed / dev-pair order seed (default 0)")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -90,6 +90,12 @@ def embedder_flags(p):
     a("--demonstration", action="append", metavar="SENTENCE=>WORD",
       help="repeatable, or none (default: the model's in data/demonstrations.json; "
            "none with --adapter)")
+    model_flags(p)
+
+
+def model_flags(p):
+    """The flags that load and run a model: adapter, cut, batch, device, precision, bits, data."""
+    a = p.add_argument
     a("--adapter", help="LoRA adapter (PEFT format): local directory or hub id")
     a("--max-tokens", type=int,
       help="cut each sentence to this many tokens (default: no cut, as the paper)")

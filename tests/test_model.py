@@ -1,6 +1,5 @@
 """model.py against transformers (the reference oracle) on tiny random checkpoints, in float32;
 and support.hub, which turns a model name into the directory model.load reads."""
-import fnmatch
 import json
 
 import pytest
@@ -250,25 +249,3 @@ def test_hub_resolve_errors(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"^could not fetch model 'nobody/no-such-model' from the "
                                         r"Hugging Face Hub"):
         hub.resolve("nobody/no-such-model")
-
-
-@pytest.mark.parametrize("repo_files, fetched", [
-    (["consolidated.safetensors", "model-00001-of-00002.safetensors",
-      "model-00002-of-00002.safetensors", "model.safetensors.index.json", "params.json",
-      "config.json", "tokenizer.json", "tokenizer.model"],
-     ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-      "model.safetensors.index.json", "params.json", "tokenizer.json",
-      "tokenizer.model"]),                                                  # Mistral-7B-v0.3
-    (["pytorch_model.bin", "training_args.bin", "config.json", "vocab.json", "merges.txt"],
-     ["config.json", "merges.txt", "pytorch_model.bin", "vocab.json"]),     # pickles only
-])
-def test_hub_fetch_takes_the_weights_transformers_loads_once(repo_files, fetched, tmp_path,
-                                                            monkeypatch):
-    def snapshot(repo, patterns, what="model"):   # the hub, offline: a folder of the matching files
-        for f in repo_files:
-            if any(fnmatch.fnmatch(f, p) for p in patterns):
-                (tmp_path / f).touch()
-        return tmp_path
-    monkeypatch.setattr(hub, "hub_snapshot", snapshot)
-    assert hub.resolve("owner/model") == tmp_path
-    assert sorted(f.name for f in tmp_path.iterdir()) == fetched
