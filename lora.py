@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / r
         self.compute_dtype = None
-        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout else nn.Identity()
         device = base.weight.device
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
@@ -59,14 +59,54 @@ class LoRALinear(nn.Module):
         self.train(base.training)                                      # an eval model stays in eval
 
     def forward(self, x):                                # x: (..., in)
-        y = self.base_layer(x)                           # frozen W0 x (+ b), any dtype: (..., out)
+        rows = x.reshape(-1, x.shape[-1])                # (n, in)
+        y = self.base_layer(rows)                        # frozen W0 x (+ b), any dtype: (n, out)
         dtype = self.compute_dtype or self.lora_A.weight.dtype
         # Casting the weights per call, as autocast does, keeps A and B (and their gradients) in
-        # their own dtype while the matmuls run in the compute dtype.
-        a = self.lora_A.weight.to(dtype)                 # (r, in)
-        b = self.lora_B.weight.to(dtype)                 # (out, r)
-        delta = F.linear(F.linear(self.lora_dropout(x.to(dtype)), a), b)   # (..., out)
-        return y + (delta * self.scaling).to(y.dtype)
+        # their own dtype while the matmuls run in the compute dtype. The scaling goes into B's
+        # copy: an (out, r) product, not one the size of the output.
+        a = self.lora_A.weight.to(dtype)                              # (r, in)
+        b = (self.lora_B.weight * self.scaling).to(dtype)             # (out, r)
+        h = F.linear(self.lora_dropout(rows.to(dtype)), a)            # (n, r)
+        if y.dtype == dtype:
+            # y += h b^T inside the GEMM, in place: y is the base's fresh output, which no
+            # backward keeps (autograd would refuse the step otherwise)
+            y.addmm_(h, b.t())
+        else:
+            y = y + F.linear(h, b).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])        # (..., out)
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout (each element zeroed with probability p, independently; the rest scaled by
+    1 / (1 - p)) that, on a CPU, draws only the gaps between zeroed elements: about p n random
+    numbers instead of n. A CPU draws random numbers one at a time on one core: n of them cost
+    more than the layer's LoRA matmuls. Other devices keep nn.Dropout's fused kernel."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or self.p >= 1 or x.device.type != "cpu":
+            return super().forward(x)
+        y = x.reshape(-1) * (1 / (1 - self.p))                       # (n,): a new tensor
+        y.index_fill_(0, dropped(y.numel(), self.p), 0)
+        return y.view(x.shape)
+
+
+def dropped(n: int, p: float) -> torch.Tensor:
+    """Sorted positions in range(n) that i.i.d. Bernoulli(p) trials hit, from the default
+    generator: the gaps between hits are geometric, P(gap > k) = (1 - p)^k, drawn by inversion
+    from float64 uniforms (exact to 2^-53)."""
+    mean = n * p
+    m = int(mean + 6 * math.sqrt(mean) + 16)          # enough gaps to pass n, but for 1e-9
+    parts = []
+    end = -1                                          # the last hit so far
+    while end < n:
+        u = torch.rand(m, dtype=torch.float64)                       # [0, 1)
+        # (1 - u is exact in float64, and log is vectorized where log1p is not)
+        gaps = torch.floor(torch.log(1 - u) / math.log1p(-p)).long() + 1   # >= 1, (m,)
+        parts.append(end + gaps.cumsum(0))
+        end = int(parts[-1][-1])
+    hits = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return hits[:int(torch.searchsorted(hits, n))]                # the hits below n
 
 
 def add_lora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05, targets="all-linear",

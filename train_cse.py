@@ -11,6 +11,7 @@ alpha=16, dropout 0.05 on every linear of the blocks; AdamW at lr 5e-4; one epoc
     torchrun --nproc_per_node 4 train_cse.py --model opt-6.7b --data nli_for_simcse.csv
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import lora
@@ -37,7 +39,7 @@ from support.provenance import git_commit
 RECIPE = ("model", "adapter", "bits", "dtype", "batch_size", "epochs", "max_steps", "lr",
           "warmup_steps", "weight_decay", "max_grad_norm", "temp", "lora_r", "lora_alpha",
           "lora_dropout", "targets", "max_tokens", "seed")   # what a resumed run keeps
-LOCAL = ("device", "data_dir", "output", "resume")   # the machine's: never taken from a checkpoint
+LOCAL = ("device", "data_dir", "output", "resume", "graph_memory")   # never from a checkpoint
 POSITIVE = "batch_size chunk_size epochs lr temp lora_r lora_alpha max_tokens".split()  # above 0
 
 
@@ -72,25 +74,52 @@ def generator(device):                       # the one that draws dropout masks 
     return cuda[device.index or 0] if device.type == "cuda" else torch.default_generator
 
 
-def cached_step(model, chunks, temp):
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, `total` sums the bytes autograd keeps for backward, each storage once and the
+    model's weights not: a graph's memory, whatever the allocator holds."""
+
+    def __init__(self, model):
+        self.total = 0
+        self.seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        super().__init__(self.pack, lambda t: t)
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        self.total += storage.nbytes() * (storage.data_ptr() not in self.seen)
+        self.seen.add(storage.data_ptr())
+        return t
+
+
+def cached_step(model, chunks, temp, budget=0):
     """Full-batch gradients with memory following the chunk size, not the batch size: gradient
-    caching (Gao et al. 2021). Returns the loss; a non-finite loss backpropagates nothing."""
+    caching (Gao et al. 2021). Chunks whose graphs fit in `budget` bytes keep them from the first
+    pass instead of replaying: the same gradients, a forward less (plain backprop when all fit).
+    Returns the loss; a non-finite loss backpropagates nothing."""
     device = chunks[0][1].device
-    states, parts = [], []                                  # per chunk: random state, (c, H)
-    with torch.no_grad():                                   # 1. embed every chunk without a graph,
-        for _, ids, mask in chunks:
-            states.append(generator(device).get_state())    #    remembering its random state
-            parts.append(embed_chunk(model, ids, mask))
+    states, parts, kept = [], [], []          # per chunk: random state, (c, H), graph kept
+    used = 0                                  # bytes of the kept graphs
+    per_slot = 0.0                            # a graph's bytes per token slot, once measured
+    for _, ids, mask in chunks:                             # 1. embed every chunk, remembering
+        states.append(generator(device).get_state())        #    its random state; where its
+        fits = budget > 0 and used + per_slot * ids.numel() <= budget   # graph fits, with it
+        saved = SavedBytes(model)
+        with torch.inference_mode(not fits), saved:
+            z = embed_chunk(model, ids, mask)               #    (c, H)
+        per_slot = max(per_slot, saved.total / ids.numel())
+        kept.append(fits and used + saved.total <= budget)
+        used += saved.total if kept[-1] else 0
+        parts.append(z if kept[-1] else z.detach())
     order = torch.argsort(torch.cat([rows for rows, _, _ in chunks]))   # chunk order -> input order
-    local = torch.cat(parts)[order].requires_grad_()        # (3b, H)
+    local = torch.cat([z.detach() for z in parts])[order].requires_grad_()   # (3b, H)
     loss = batch_loss(local, temp)                          # 2. the loss and d loss / d embeddings
     if torch.isfinite(loss):
         loss.backward()                                     #    -> local.grad, nothing else
-        for (rows, ids, mask), state in zip(chunks, states, strict=True):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                generator(device).set_state(state)          # 3. replay each chunk in its random
-                z = embed_chunk(model, ids, mask)           #    state (same dropout masks): (c, H)
-                torch.autograd.backward(z, local.grad[rows])   # and backpropagate its rows' grads
+        for (rows, ids, mask), z, state, graph in zip(chunks, parts, states, kept, strict=True):
+            if not graph:                                   # 3. replay each other chunk in its
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    generator(device).set_state(state)      #    random state (same dropout
+                    z = embed_chunk(model, ids, mask)       #    masks): (c, H)
+            torch.autograd.backward(z, local.grad[rows])    #    and backpropagate its rows' grads
     return loss.detach()
 
 
@@ -115,6 +144,14 @@ def warmup_then_decay(warmup: int, total: int):
     return lambda s: min((s + 1) / (warmup + 1), (total - s) / max(1, total - warmup))
 
 
+def attention_kernels(dev, dtype: str):
+    """On a CPU in bf16 or fp16, SDPA's math kernel for both passes of a step: the flash kernel's
+    backward runs several times slower there in half precision. Elsewhere PyTorch's choice."""
+    if dev.type != "cpu" or dtype == "float32":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def train_step(run) -> dict:
     """One optimizer step on the next global batch; a non-finite loss or gradient stops first."""
     a = run.args
@@ -129,7 +166,8 @@ def train_step(run) -> dict:
     chunks = make_chunks(run.tok, ids, a.chunk_size, run.device)
     t0 = time.perf_counter()
     run.opt.zero_grad(set_to_none=True)
-    loss = cached_step(run.model, chunks, a.temp)
+    with attention_kernels(run.device, a.dtype):
+        loss = cached_step(run.model, chunks, a.temp, run.graph_budget)
     sum_gradients(run.params)
     norm = torch.nn.utils.clip_grad_norm_(run.params, a.max_grad_norm or math.inf)
     rec = {"step": run.pos.step + 1, "epoch": epoch + 1, "loss": round(loss.item(), 6),
@@ -143,6 +181,17 @@ def train_step(run) -> dict:
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     rec["truncated"] = sum(cut for _, cut in prompts)
     return rec
+
+
+def graph_budget(dev, gib=None) -> int:
+    """Bytes for first-pass graphs kept instead of replayed: `gib` GiB, else half the memory free
+    now (the GPU's; on a CPU shared by the processes of this machine)."""
+    if gib is not None:
+        return int(gib * 2**30)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0] // 2
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def set_precision(model, dev, dtype, rank):
@@ -208,6 +257,10 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     else:
         lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.targets)
     set_precision(model, dev, getattr(torch, args.dtype), rank)
+    budget = graph_budget(dev, args.graph_memory)
+    if rank == 0:
+        print(f"first-pass graphs kept up to {budget / 2**30:.1f} GiB (--graph-memory), other "
+              f"chunks replayed", file=sys.stderr)
     params = [p for p in lora.mark_only_lora_trainable(model).parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)  # Trainer's betas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(args.warmup_steps, total))
@@ -225,7 +278,8 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
     return SimpleNamespace(args=args, out=out, device=dev, rank=rank, world=world, tok=tok,
                            model=model.train(), params=params, opt=opt, sched=sched, pos=pos,
                            total=total, triplets=triplets, files=files, final_saved=False,
-                           steps_per_epoch=steps_per_epoch, phase="before its first step")
+                           steps_per_epoch=steps_per_epoch, graph_budget=budget,
+                           phase="before its first step")
 
 
 def save_checkpoint(run):
@@ -350,7 +404,9 @@ def parser():
     dtype_flag(p, " for the base; LoRA weights and the optimizer stay float32")
     a("--bits", choices=["4", "8", "none"], default="4", help="quantize the base (default 4: NF4)")
     a("--batch-size", type=int, default=256, help="triplets a step, all processes (default 256)")
-    a("--chunk-size", type=int, default=32, help="sentences a forward: bounds memory (default 32)")
+    a("--chunk-size", type=int, default=64, help="sentences a forward: bounds memory (default 64)")
+    a("--graph-memory", type=float, metavar="GIB", help="keep first-pass graphs up to GIB instead "
+      "of replaying their chunks: faster, same gradients (default: half the free memory; 0: none)")
     a("--epochs", type=int, default=1, help="passes over the data (default 1)")
     a("--max-steps", type=int, default=0, help="steps to run, the schedule's end (default: epochs)")
     a("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")

@@ -1,29 +1,43 @@
-"""One QLoRA training step: ours (model.py + lora.py) vs transformers + PEFT, same 4-bit base and
-batch.
+"""One QLoRA training step: train_cse.py's vs transformers + PEFT's, same 4-bit base and batch.
 
-    python bench/train_step_vs_peft.py [--batch-size 8] [--repeats 3] [--data nli.csv]
+    python bench/train_step_vs_peft.py [--batch-size 32] [--repeats 3] [--dtype bfloat16]
 
-Both sides, in one process: the checkpoint's block linears in 4-bit NF4 with double quantization,
-computing in --dtype (ours: model.load; transformers: BitsAndBytesConfig), LoRA r=64, alpha=16,
-dropout 0.05 on every block linear (ours: lora.add_lora; PEFT: LoraConfig "all-linear"), and
-AdamW at lr 5e-4. They get the same token ids (PromptEOL prompts of the NLI triplets, sentences
-cut at --max-tokens) and the same loss (train_cse.contrastive_loss on the last token's final
-hidden state). A step is a plain forward, backward and optimizer step on the whole batch;
---cached adds ours with train_cse.py's gradient caching (--chunk-size). After one warm-up step
-each, the steps alternate --repeats times. Printed: the median seconds per step, the ratio
-ours / transformers, and both first-step losses, which agree: equal base weights, and LoRA's B
-starts at 0.
+Both sides, in one process, on this machine's CPU: the checkpoint's block linears in 4-bit NF4
+with double quantization, LoRA r=64, alpha=16, dropout 0.05 on every block linear, AdamW at lr
+5e-4, the gradient norm clipped at 1, and the same batch: the first --batch-size triplets of
+train_cse.py's first step (its data, seed 42), as PromptEOL prompts cut at --max-tokens, with the
+same loss (train_cse.contrastive_loss on the last token's final hidden state).
+
+- ours: what train_cse.py runs (model.load, lora.add_lora, train_cse.set_precision: LoRA in the
+  compute dtype over fp32 weights, the 4-bit base dequantized once on a CPU), and its step:
+  gradient caching in chunks of --chunk-size (train_cse.cached_step), clipping, AdamW.
+- transformers + PEFT: BitsAndBytesConfig (compute dtype --dtype), LoraConfig "all-linear", and
+  the reference's mixed precision: its step (one forward of the whole batch, backward, clipping,
+  AdamW) under torch.autocast("cpu", bfloat16) when --dtype is bfloat16; none in float32.
+  bitsandbytes dequantizes the base on every call, as QLoRA does.
+
+--dtype defaults to train_cse.py's (bfloat16 where the CPU has native bf16, else float32).
+Ours keeps the first-pass graphs of the chunks that fit --graph-memory and replays the rest (at
+this batch size, usually none: plain backprop); "ours, all replayed" is ours with --graph-memory
+0, every chunk embedded twice: pure gradient caching, the cost of a batch far over the budget.
+After one warm-up step each, the steps alternate --repeats times. Printed: the median seconds a
+step, the ratio ours / transformers (target <= 0.5), and both first-step losses, which agree to
+the dtype's rounding: equal base weights, and LoRA's B starts at 0.
 """
 import argparse
+import contextlib
+import os
 import pathlib
 import statistics
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # support.cli first: it sets OpenMP's waiting policy before torch loads.
-from support.cli import UserError, cli  # noqa: E402
+from support.cli import UserError, cli, default_dtype  # noqa: E402
 import torch  # noqa: E402
 
 import lora  # noqa: E402
@@ -32,22 +46,21 @@ from support import hub, nli, tokenizer  # noqa: E402
 import train_cse as T  # noqa: E402
 from embed import render  # noqa: E402
 
+CPU = torch.device("cpu")
 LORA = dict(r=64, alpha=16, dropout=0.05)   # the paper's recipe, as train_cse.py's defaults
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}   # first-step losses: the dtype's rounding
 
 
 def ours(name, dtype):
-    """model.load with a 4-bit base + lora.add_lora on all block linears -> (Decoder, tokenizer,
-    embed)."""
+    """model.load with a 4-bit base, LoRA and train_cse.py's precision -> (Decoder, tokenizer)."""
     path = hub.resolve(name)
-    model = M.load(path, dtype, "cpu", bits=4)
+    model = M.load(path, dtype, CPU, bits=4)
     tok = tokenizer.load(path, model.config)
     torch.manual_seed(0)
     lora.add_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], "all-linear")
+    T.set_precision(model, CPU, dtype, 0)
     lora.mark_only_lora_trainable(model).train()
-
-    def embed(ids, mask):
-        return model(ids, mask)[:, -1].float()   # (B, T, H) -> (B, H)
-    return model, tok, embed
+    return model, tok
 
 
 def theirs(name, dtype):
@@ -73,75 +86,106 @@ def theirs(name, dtype):
     return peft, embed
 
 
-def plain_step(embed, opt, ids, mask, temp):
-    """Forward the whole batch, backward, AdamW: the step a plain transformers + PEFT training loop
-    takes."""
-    opt.zero_grad(set_to_none=True)
-    z = embed(ids, mask)   # (3N, H): x_1, x+_1, x-_1, x_2, ...
-    loss = T.contrastive_loss(z.view(-1, 3, z.shape[-1]), temp)
-    loss.backward()
-    opt.step()
-    return loss.item()
+def autocast(dtype):
+    """The reference's mixed precision (Trainer's fp16/bf16 flag): autocast in reduced precision."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
 
 
-def cached_step(model, opt, chunks, temp):
-    opt.zero_grad(set_to_none=True)
-    loss = T.cached_step(model, chunks, temp)
-    opt.step()
-    return loss.item()
+def first_batch(files, size) -> list:
+    """The first `size` triplets of train_cse.py's first step (seed 42, epoch 1)."""
+    triplets, _ = nli.read_files(files, say=False)
+    order = np.random.default_rng([42, 0]).permutation(len(triplets))
+    return [triplets[i] for i in order[:size]]
 
 
-def adamw(model, lr):
+def adamw(model):
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr), sum(p.numel() for p in params)
+    return params, torch.optim.AdamW(params, lr=5e-4)
+
+
+def finish(params, opt, loss):
+    """Clip at 1 and step, as train_cse.py and Trainer do -> the loss."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=hub.DEFAULT_MODEL,
                    help="a LLaMA-family alias or directory (default: %(default)s)")
-    p.add_argument("--data", default=str(ROOT / "tests" / "fixtures" / "nli_triplets.csv"),
-                   help="SimCSE-format NLI csv (default: the test fixture)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="triplets per step (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=32,
-                   help="sentences per forward pass of gradient caching")
+    p.add_argument("--data", nargs="+", help="SimCSE-format NLI csv file(s) (default: "
+                   "train_cse.py's)")
+    p.add_argument("--data-dir", help="data folder (default: $SENTEMB_DATA, else ./data)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="triplets a step (default %(default)s: PEFT's one-forward step keeps "
+                        "the whole batch's graph)")
+    p.add_argument("--chunk-size", type=int, default=T.parser().get_default("chunk_size"),
+                   help="sentences a forward of ours (default: train_cse.py's, %(default)s)")
     p.add_argument("--max-tokens", type=int, default=32,
                    help="cut sentences to this many tokens (default: 32)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute precision, both")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype, both sides (default: train_cse.py's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed steps of each, alternating (default: 3)")
-    p.add_argument("--cached", action="store_true",
-                   help="also time ours with gradient caching (--chunk-size)")
+    p.add_argument("--graph-memory", type=float, metavar="GIB",
+                   help="ours keeps first-pass graphs up to GIB (default: train_cse.py's, half "
+                        "the free memory)")
     p.add_argument("--temp", type=float, default=0.05,
                    help="contrastive temperature (default: 0.05)")
+    p.add_argument("--output", default=str(ROOT / "results" / "bench-train-step-vs-peft.txt"),
+                   help="write the report here too (default: %(default)s)")
     a = p.parse_args(argv)
-    triplets = nli.read_triplets(a.data)[0][:a.batch_size]
+    dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(CPU)
+    triplets = first_batch(a.data or nli.default_files(a.data_dir), a.batch_size)
     if len(triplets) < a.batch_size:
-        raise UserError(f"--batch-size {a.batch_size}: {a.data} holds only {len(triplets)} "
-                        f"triplets")
-    dtype = getattr(torch, a.dtype)
-    model, tok, embed = ours(a.model, dtype)
+        raise UserError(f"--batch-size {a.batch_size}: the data holds {len(triplets)} triplets")
+    model, tok = ours(a.model, dtype)
     peft, ref_embed = theirs(a.model, dtype)
-    n_lora = sum(".lora_A." in n for n, _ in model.named_parameters())
-    n_peft = sum(".lora_A." in n for n, _ in peft.named_parameters())
-    opt, size = adamw(model, 5e-4)
-    ref_opt, ref_size = adamw(peft, 5e-4)
-    if (n_lora, size) != (n_peft, ref_size):
-        raise UserError(f"the adapters differ: ours {n_lora} layers, {size} weights; "
-                        f"PEFT's {n_peft}, {ref_size}")
+    params, opt = adamw(model)
+    ref_params, ref_opt = adamw(peft)
+    size = sum(x.numel() for x in params)
+    if size != sum(x.numel() for x in ref_params) or len(params) != len(ref_params):
+        raise UserError(f"the adapters differ: ours {len(params)} tensors, {size} weights; "
+                        f"PEFT's {len(ref_params)}")
     prompts = [render(tok, s, "eol", "", a.max_tokens, clean=False)[0] for t in triplets for s in t]
-    seqs = [tok.encode(p) for p in prompts]
+    seqs = [tok.encode(x) for x in prompts]
     ids, mask = tok.pad(seqs)   # (3N, T), left padding
-    chunks = T.make_chunks(tok, seqs, a.chunk_size, torch.device("cpu"))
-    print(f"{a.model}, 4-bit NF4 base computing in {a.dtype}, LoRA r=64 on {n_lora} linears "
-          f"({size:,} weights), {len(triplets)} triplets ({ids.numel()} token slots), "
-          f"{torch.get_num_threads()} threads")
-    steps = {"ours": lambda: plain_step(embed, opt, ids, mask, a.temp),
-             "transformers + PEFT": lambda: plain_step(ref_embed, ref_opt, ids, mask, a.temp)}
-    if a.cached:
-        steps["ours, cached"] = lambda: cached_step(model, opt, chunks, a.temp)
+    chunks = T.make_chunks(tok, seqs, a.chunk_size, CPU)
+    name = str(dtype).removeprefix("torch.")
+    budget = T.graph_budget(CPU, a.graph_memory)
+
+    def our_step(budget):
+        opt.zero_grad(set_to_none=True)
+        with T.attention_kernels(CPU, name):
+            loss = T.cached_step(model, chunks, a.temp, budget)
+        return finish(params, opt, loss)
+
+    def their_step():
+        ref_opt.zero_grad(set_to_none=True)
+        with autocast(dtype):
+            z = ref_embed(ids, mask)   # (3N, H): x_1, x+_1, x-_1, x_2, ...
+        loss = T.contrastive_loss(z.view(-1, 3, z.shape[-1]), a.temp)
+        loss.backward()
+        return finish(ref_params, ref_opt, loss)
+
+    mixed = "autocast bfloat16" if dtype == torch.bfloat16 else "float32, no autocast"
+    lines = [f"python bench/train_step_vs_peft.py {' '.join(argv or sys.argv[1:])}".rstrip(),
+             f"CPU: {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, one process; load average "
+             f"{os.getloadavg()[0]:.2f} at the start",
+             f"{a.model}, 4-bit NF4 base, LoRA r=64 on {len(params) // 2} linears ({size:,} "
+             f"weights), {len(triplets)} triplets ({len(seqs)} prompts, {ids.numel()} token "
+             f"slots padded to the longest)",
+             f"ours: {name}, 4-bit base dequantized once, gradient caching in chunks of "
+             f"{a.chunk_size}, first-pass graphs kept up to {budget / 2**30:.1f} GiB; "
+             f"transformers + PEFT: {mixed}, dequantized on every call, one forward of the "
+             f"batch"]
+    print("\n".join(lines), flush=True)
+    steps = {"ours (train_cse.py)": lambda: our_step(budget), "transformers + PEFT": their_step,
+             "ours, all replayed": lambda: our_step(0)}
     first = {k: step() for k, step in steps.items()}   # warm-up: the loss at B = 0
     seconds = {k: [] for k in steps}
     for _ in range(a.repeats):
@@ -152,14 +196,30 @@ def main(argv=None):
     theirs_s = statistics.median(seconds["transformers + PEFT"])
     for k, s in seconds.items():
         med = statistics.median(s)
-        # ours, cached's warm-up follows ours' first step: its loss is not at B = 0
-        loss = f"  first-step loss {first[k]:.6f}" if k != "ours, cached" else ""
         each = ", ".join(f"{x:.2f}" for x in s)
-        print(f"{k:<20} {med:7.2f} s/step (median of {len(s)}: {each})  "
-              f"ratio to transformers {med / theirs_s:.2f}x{loss}")
-    diff = abs(first["ours"] - first["transformers + PEFT"])
-    verdict = "within" if diff <= 1e-4 else "OVER"
-    print(f"first-step loss |ours - transformers| = {diff:.2e} ({verdict} 1e-4)")
+        # (the last one's warm-up follows our first step: its loss is not at B = 0)
+        loss = f"  first-step loss {first[k]:.6f}" if k != "ours, all replayed" else ""
+        lines.append(f"{k:<22} {med:7.2f} s/step (median of {len(s)}: {each})  ratio "
+                     f"{med / theirs_s:.2f}x{loss}")
+    diff = abs(first["ours (train_cse.py)"] - first["transformers + PEFT"])
+    verdict = "within" if diff <= TOLERANCE[dtype] else "OVER"
+    ratio = statistics.median(seconds["ours (train_cse.py)"]) / theirs_s
+    lines.append(f"first-step loss |ours - transformers| = {diff:.2e} ({verdict} "
+                 f"{TOLERANCE[dtype]:g}); ours / transformers + PEFT = {ratio:.2f}x (target "
+                 f"<= 0.5: {'met' if ratio <= 0.5 else 'NOT met'}); load average "
+                 f"{os.getloadavg()[0]:.2f} at the end")
+    print("\n".join(lines[4:]), flush=True)
+    out = pathlib.Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+def cpu_name() -> str:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

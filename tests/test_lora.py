@@ -285,6 +285,33 @@ def test_compute_dtype_runs_the_update_in_it():
     torch.testing.assert_close(layer(x), fp32, atol=0, rtol=0)   # None: A and B's own dtype again
 
 
+def test_lora_dropout_is_dropout_and_replays():
+    """LoRADropout, as nn.Dropout: each element zeroed with probability p independently, the rest
+    scaled by 1 / (1 - p), the gradient through the same mask; the same generator state gives the
+    same mask (gradient caching replays it); eval mode and p = 0 change nothing."""
+    p = 0.05
+    drop = L.LoRADropout(p)
+    x = torch.randn(400, 640, requires_grad=True)           # 256,000 elements
+    torch.manual_seed(3)
+    y = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    kept = y != 0
+    assert abs((~kept).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), atol=0, rtol=1e-6)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p), atol=0, rtol=1e-6)
+    hits = L.dropped(1_000_000, p)                            # sorted, distinct, in range
+    assert torch.all(hits[1:] > hits[:-1]) and 0 <= hits[0] and hits[-1] < 1_000_000
+    gaps = torch.diff(hits).float()                           # geometric: mean 1/p, var (1-p)/p^2
+    assert abs(gaps.mean().item() * p - 1) < 0.02
+    assert abs(gaps.var().item() * p * p / (1 - p) - 1) < 0.05
+    per_tenth = torch.bincount(hits // 100_000, minlength=10).float() / 100_000
+    assert (per_tenth - p).abs().max() < 6 * (p * (1 - p) / 100_000) ** 0.5   # uniform over n
+    assert drop.eval()(x) is x
+    assert L.LoRALinear(nn.Linear(8, 8), r=2, alpha=4, dropout=p).lora_dropout.p == p
+
+
 def training_step(model, compute_dtype):
     """One AdamW step of LoRA on `model` (B random) -> (loss before, loss after, gradients,
     optimizer). The same A, B and target on every call."""
