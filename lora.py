@@ -20,8 +20,10 @@ files name them as in
     base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
 """
 import json
+import os
 import math
 import re
+import sys
 from pathlib import Path
 
 from support.cli import UserError
@@ -149,6 +151,27 @@ def dequantize_base(model) -> int:
         base = model.get_submodule(name)
         model.set_submodule(name, _dequantized(base, base.compute_dtype or _float_dtype(model)))
     return len(quantized)
+
+
+def set_precision(model, dev, dtype, say=True):
+    """LoRA computes in the base's dtype over fp32 weights (the reference's autocast). On a CPU, a
+    4-bit base is dequantized once into that dtype where it takes under half the free memory: the
+    numbers bitsandbytes makes on every call. GPUs keep QLoRA's per-call path, saving memory."""
+    set_compute_dtype(model, dtype)
+    quantized = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    size = sum(m.weight.quant_state.shape.numel() for m in quantized) * dtype.itemsize
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    once = dev.type == "cpu" and 0 < size < free / 2
+    if once:
+        dequantize_base(model)
+    why = "on a GPU" if dev.type != "cpu" else "under half the free memory"
+    if not once and dev.type == "cpu":
+        why = "over half the free memory"
+    path = "dequantized once" if once else "dequantized on every call (QLoRA)"
+    name = str(dtype).removeprefix("torch.")
+    if say and quantized:
+        print(f"4-bit base ({size / 2**30:.2f} GiB in {name}, {why}): {path}; "
+              f"LoRA computes in {name} over fp32 weights", file=sys.stderr)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from support.cli import UserError, cli, data_dir, default_dtype, device, dtype_flag
+from support.cli import (UserError, cli, data_dir, default_dtype, device, dtype_flag,
+                         memory_budget)
 import numpy as np
 import torch  # after support.cli: it sets OpenMP's waiting policy before torch loads
 import torch.distributed as dist
@@ -183,38 +184,6 @@ def train_step(run) -> dict:
     return rec
 
 
-def graph_budget(dev, gib=None) -> int:
-    """Bytes for first-pass graphs kept instead of replayed: `gib` GiB, else half the memory free
-    now (the GPU's; on a CPU shared by the processes of this machine)."""
-    if gib is not None:
-        return int(gib * 2**30)
-    if dev.type == "cuda":
-        return torch.cuda.mem_get_info(dev)[0] // 2
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return free // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def set_precision(model, dev, dtype, rank):
-    """LoRA computes in the base's dtype over fp32 weights (the reference's autocast). On a CPU, a
-    4-bit base is dequantized once into that dtype where it takes under half the free memory: the
-    numbers bitsandbytes makes on every call. GPUs keep QLoRA's per-call path, saving memory."""
-    lora.set_compute_dtype(model, dtype)
-    quantized = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
-    size = sum(m.weight.quant_state.shape.numel() for m in quantized) * dtype.itemsize
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    once = dev.type == "cpu" and 0 < size < free / 2
-    if once:
-        lora.dequantize_base(model)
-    why = "on a GPU" if dev.type != "cpu" else "under half the free memory"
-    if not once and dev.type == "cpu":
-        why = "over half the free memory"
-    path = "dequantized once" if once else "dequantized on every call (QLoRA)"
-    name = str(dtype).removeprefix("torch.")
-    if rank == 0 and quantized:
-        print(f"4-bit base ({size / 2**30:.2f} GiB in {name}, {why}): {path}; "
-              f"LoRA computes in {name} over fp32 weights", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------- the run
 def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> SimpleNamespace:
     """-> the run: processes, data, model with LoRA, optimizer, schedule: new, or as `ckpt` was."""
@@ -256,8 +225,8 @@ def prepare(args, ckpt: Path | None = None, state: dict | None = None) -> Simple
         lora.load_adapter(model, ckpt / "adapter" if ckpt else args.adapter)
     else:
         lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.targets)
-    set_precision(model, dev, getattr(torch, args.dtype), rank)
-    budget = graph_budget(dev, args.graph_memory)
+    lora.set_precision(model, dev, getattr(torch, args.dtype), say=rank == 0)
+    budget = memory_budget(dev, args.graph_memory)
     if rank == 0:
         print(f"first-pass graphs kept up to {budget / 2**30:.1f} GiB (--graph-memory), other "
               f"chunks replayed", file=sys.stderr)

@@ -6,17 +6,18 @@
 Each configuration builds what train_cse.py builds (train_cse.prepare: the default model with a
 frozen 4-bit base, dequantized once on a CPU, LoRA r=64 on all linears, AdamW), times one
 unprofiled warm-up step (train_cse.train_step), then runs the same batch again under
-torch.profiler. --per-call adds the QLoRA path (bitsandbytes dequantizes on every call, as on
-GPUs) in the last --dtype.
+torch.profiler. Every chunk is replayed (--graph-memory 0), as most chunks of a 256-triplet batch
+are, so a smaller batch profiles the default recipe's step, scaled. --per-call adds the QLoRA path
+(bitsandbytes dequantizes on every call, as on GPUs) in the last --dtype.
 
 Attribution: forward hooks registered here (model.py and lora.py stay as they are) push a
 torch.profiler.record_function range around each module's forward: a LoRA layer, its frozen
 base layer, its dropout, attention, norms, MLP and decoder layers, and the whole model, whose
 range also names the pass (no graph: gradient caching's first pass; graph: its replay). Each
-op's self time goes to the innermost range around it; within a LoRA layer, matmuls and casts by
-op name; ops named *dequantize* to dequantization wherever they run. A backward op goes to the
-row of the forward op whose autograd node it runs (their sequence numbers match). Rows sum to
-the profiled step; the profiler's own cost makes it slower than the unprofiled one.
+op's self time goes to the innermost range around it; within a LoRA layer, matmuls by op name;
+ops named *dequantize* to dequantization wherever they run. A backward op goes to the row of
+the forward op whose autograd node it runs (their sequence numbers match). Rows sum to the
+profiled step; the profiler's own cost makes it slower than the unprofiled one.
 """
 import argparse
 import os
@@ -186,16 +187,20 @@ def cpu_features() -> str:
     return " ".join(have) or "none of avx2, avx512, amx"
 
 
+def keep_4bit(model) -> int:      # lora.dequantize_base, doing nothing
+    return 0
+
+
 def profile_one(a, dtype, per_call, out) -> list[str]:
     flags = ["--batch-size", str(a.batch_size), "--chunk-size", str(a.chunk_size),
-             "--dtype", dtype, "--max-steps", "1", "--eval-every", "0", "--save-every", "0",
-             "--save-minutes", "0", "--output", out]
+             "--graph-memory", str(a.graph_memory), "--dtype", dtype, "--max-steps", "1",
+             "--eval-every", "0", "--save-every", "0", "--save-minutes", "0", "--output", out]
     if a.data:
         flags += ["--data", *a.data]
     args, _, _ = T.parse_args(flags)
     once = lora.dequantize_base
     if per_call:              # as on a GPU: bitsandbytes dequantizes on every call
-        lora.dequantize_base = lambda model: 0
+        lora.dequantize_base = keep_4bit
     try:
         t0 = time.perf_counter()
         run = T.prepare(args)
@@ -230,6 +235,9 @@ def main(argv=None):
                    help="sentences a forward (default: train_cse.py's, %(default)s)")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16"], help="compute dtypes (default: both)")
+    p.add_argument("--graph-memory", type=float, default=0, metavar="GIB",
+                   help="first-pass graphs kept (default 0: every chunk replayed, as most of a "
+                        "256-triplet batch is)")
     p.add_argument("--per-call", action="store_true",
                    help="also profile the per-call dequantization path in the last --dtype")
     p.add_argument("--data", nargs="+", help="NLI csv file(s) (default: train_cse.py's)")

@@ -8,7 +8,7 @@ with double quantization, LoRA r=64, alpha=16, dropout 0.05 on every block linea
 train_cse.py's first step (its data, seed 42), as PromptEOL prompts cut at --max-tokens, with the
 same loss (train_cse.contrastive_loss on the last token's final hidden state).
 
-- ours: what train_cse.py runs (model.load, lora.add_lora, train_cse.set_precision: LoRA in the
+- ours: what train_cse.py runs (model.load, lora.add_lora, lora.set_precision: LoRA in the
   compute dtype over fp32 weights, the 4-bit base dequantized once on a CPU), and its step:
   gradient caching in chunks of --chunk-size (train_cse.cached_step), clipping, AdamW.
 - transformers + PEFT: BitsAndBytesConfig (compute dtype --dtype), LoraConfig "all-linear", and
@@ -17,9 +17,10 @@ same loss (train_cse.contrastive_loss on the last token's final hidden state).
   bitsandbytes dequantizes the base on every call, as QLoRA does.
 
 --dtype defaults to train_cse.py's (bfloat16 where the CPU has native bf16, else float32).
-Ours keeps the first-pass graphs of the chunks that fit --graph-memory and replays the rest (at
-this batch size, usually none: plain backprop); "ours, all replayed" is ours with --graph-memory
-0, every chunk embedded twice: pure gradient caching, the cost of a batch far over the budget.
+Ours keeps the first-pass graphs of the chunks that fit --graph-memory and replays the others
+(at this batch size usually none: plain backprop); "ours, all replayed" is ours with
+--graph-memory 0, every chunk embedded twice: pure gradient caching, as a batch far over the
+budget costs.
 After one warm-up step each, the steps alternate --repeats times. Printed: the median seconds a
 step, the ratio ours / transformers (target <= 0.5), and both first-step losses, which agree to
 the dtype's rounding: equal base weights, and LoRA's B starts at 0.
@@ -37,7 +38,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # support.cli first: it sets OpenMP's waiting policy before torch loads.
-from support.cli import UserError, cli, default_dtype  # noqa: E402
+from support.cli import UserError, cli, default_dtype, memory_budget  # noqa: E402
 import torch  # noqa: E402
 
 import lora  # noqa: E402
@@ -58,7 +59,7 @@ def ours(name, dtype):
     tok = tokenizer.load(path, model.config)
     torch.manual_seed(0)
     lora.add_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], "all-linear")
-    T.set_precision(model, CPU, dtype, 0)
+    lora.set_precision(model, CPU, dtype)
     lora.mark_only_lora_trainable(model).train()
     return model, tok
 
@@ -155,7 +156,7 @@ def main(argv=None):
     ids, mask = tok.pad(seqs)   # (3N, T), left padding
     chunks = T.make_chunks(tok, seqs, a.chunk_size, CPU)
     name = str(dtype).removeprefix("torch.")
-    budget = T.graph_budget(CPU, a.graph_memory)
+    budget = memory_budget(CPU, a.graph_memory)
 
     def our_step(budget):
         opt.zero_grad(set_to_none=True)

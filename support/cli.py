@@ -130,6 +130,18 @@ def default_dtype(device):
     return torch.bfloat16 if native else torch.float32
 
 
+def memory_budget(dev, gib=None) -> int:
+    """Bytes train_cse may keep first-pass graphs in (--graph-memory): `gib` GiB, else half the
+    memory free now (the GPU's; on a CPU, shared by the processes of this machine)."""
+    import torch
+    if gib is not None:
+        return int(gib * 2**30)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0] // 2
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def positive(**flags):
     """Fail on the first flag whose value is set and below 1, naming it as the user typed it."""
     for name, value in flags.items():

@@ -1,9 +1,11 @@
-"""train_cse.py: the loss by hand; gradient caching == backprop (fp32, and a 4-bit base across an
-evaluation); 2 gloo processes == 1 process (the functions, and the CLI under torchrun); exact
-resume with the checkpoint's recipe; Ctrl-C and NaN stops; the final adapter saved before the
-final evaluation; the schedule; best adapter and STS-B dev as evaluate.py scores it; malformed
-csv; several --data files and the default data; training embeddings == inference's.
-Tiny random models in float32, one CPU thread, tests/fixtures/nli_triplets.csv."""
+"""train_cse.py: the loss by hand; gradient caching == backprop (fp32, with some or all first-pass
+graphs kept, and a 4-bit base across an evaluation); 2 gloo processes == 1 process (the functions,
+and the CLI under torchrun); exact resume with the checkpoint's recipe; Ctrl-C and NaN stops; the
+final adapter saved before the final evaluation; the schedule; best adapter and STS-B dev as
+evaluate.py scores it; malformed csv; several --data files and the default data; training
+embeddings == inference's. Tiny random models in float32, one CPU thread,
+tests/fixtures/nli_triplets.csv."""
+import functools
 import hashlib
 import json
 import math
@@ -112,6 +114,34 @@ def test_gradient_cache_equals_backprop_with_dropout(tiny):
     assert rel(runs["cached"][1], runs["plain"][1]) < 1e-5
     assert torch.equal(runs["cached"][2], runs["plain"][2])   # the replay leaves the stream as is
     assert rel(runs["other"][1], runs["plain"][1]) > 1e-3     # other dropout masks: not vacuous
+
+
+def test_kept_graphs_skip_their_replay_and_change_nothing(tiny):
+    """First-pass graphs within the budget are kept: their chunks run once, the others twice, and
+    the loss, gradients and random stream are plain backprop's (all kept: plain backprop)."""
+    model, tok = lora_model(tiny, dropout=0.1)
+    chunks = T.make_chunks(tok, random_ids(18, 1), 4, torch.device("cpu"))  # 6 triplets, 5 chunks
+    saved = T.SavedBytes(model)
+    with saved:
+        T.embed_chunk(model, chunks[0][1], chunks[0][2])              # the longest chunk's graph
+    assert saved.total > 0
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    runs = {}
+    for name, budget in (("plain", None), ("some", 2.5 * saved.total), ("all", 2.0**60)):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(7)
+        step = plain_step if budget is None else functools.partial(T.cached_step, budget=budget)
+        loss = step(model, chunks, 0.05)
+        runs[name] = loss, grads(model), torch.get_rng_state(), len(calls)
+    hook.remove()
+    assert runs["all"][3] == len(chunks)                              # no chunk replayed
+    assert len(chunks) < runs["some"][3] < 2 * len(chunks)            # some replayed
+    for name in ("some", "all"):
+        assert runs[name][0].item() == pytest.approx(runs["plain"][0].item(), rel=1e-6)
+        assert rel(runs[name][1], runs["plain"][1]) < 1e-5
+        assert torch.equal(runs[name][2], runs["plain"][2])
 
 
 def test_4bit_base_evaluation_between_steps_changes_nothing(tiny):
