@@ -27,6 +27,7 @@ import torch  # after support.cli: it sets OpenMP's waiting policy before torch 
 from tqdm import tqdm
 
 import model as M
+from support import compile as jit
 from support import corpus, hub, tokenizer
 from support.cache import fingerprint
 from support.files import atomic
@@ -113,11 +114,14 @@ def is_pair(d) -> bool:
 
 class Embedder:
     """embedder.encode(sentences) -> float32 array (n, hidden), in input order. device="auto" loads
-    the model on the CPU and spreads its blocks over the GPUs (the CPU where there is none)."""
+    the model on the CPU and spreads its blocks over the GPUs (the CPU where there is none).
+    compile: True runs the decoder's forward through torch.compile (support/compile.py), False
+    never; None (auto) compiles on the CPU for an input of at least support.compile.BREAK_EVEN
+    sentences: an encode call, a file, or what `expect` announces."""
 
     def __init__(self, model: str = hub.DEFAULT_MODEL, template: str = "eol", pooling: str = "last",
                  demonstrations="default", max_tokens: int | None = None, batch_size: int = 64,
-                 device=None, dtype=None, bits=None, adapter: str | None = None):
+                 device=None, dtype=None, bits=None, adapter: str | None = None, compile=None):
         if template not in TEMPLATES or pooling not in POOLINGS:
             raise UserError(f"unknown template {template!r} or pooling {pooling!r}: choose a "
                             f"template from {', '.join(TEMPLATES)} and a pooling from "
@@ -148,7 +152,11 @@ class Embedder:
         if auto:
             corpus.spread(self.model)
         self.dtype = self.model.embeddings().weight.dtype
-        self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0}
+        self.stats = {"sentences": 0, "tokens": 0, "truncated": 0, "seconds": 0.0,
+                      "compile_seconds": 0.0}
+        self.compile = compile
+        self.expected = 0          # sentences announced by `expect`
+        self._jit = {}             # "forward": the compiled decoder, or None; shared by copies
         self.fingerprint = fingerprint(self.model.source, adapter, model=model, bits=bits,
                                        dtype=str(self.dtype), template=TEMPLATES[template],
                                        pooling=pooling, max_tokens=max_tokens)
@@ -236,6 +244,37 @@ class Embedder:
             out += [(hit, idx[j:j + self.batch_size]) for j in range(0, len(idx), self.batch_size)]
         return out
 
+    def pool(self, model, prompts, hit: bool) -> torch.Tensor:
+        """(B, H): the pooled states of one batch of prompts through `model`, the decoder or its
+        compiled forward; `hit`: they continue the cached prefix."""
+        if self.pooling == "last":
+            return last_token(model, self.tok, prompts, self._past if hit else None)
+        return mean_state(model, self.tok, prompts)
+
+    def expect(self, n: int):
+        """Announce n sentences to come in several calls (an evaluation): auto compiling counts
+        them."""
+        self.expected = n
+
+    def decoder(self, n: int):
+        """The decoder for a run of n sentences: compiled when asked, or (auto) when n repays
+        compiling; eager where compiling is unavailable (one line says why)."""
+        want = jit.pays(n, self.device) if self.compile is None else self.compile
+        if not want or self._jit.get("forward", True) is None:
+            return self.model
+        if "forward" not in self._jit:
+            reason = jit.unavailable(self.model)
+            if reason:
+                print(f"not compiling: {reason}; running eager", file=sys.stderr)
+                self._jit["forward"] = None
+                return self.model
+            forward = jit.compiled(self.model)
+            hit = bool(self.prefix_ids) and self.pooling == "last"
+            seconds = jit.warm_up(lambda prompts: self.pool(forward, prompts, hit), self.tok)
+            self.stats["compile_seconds"] += seconds
+            self._jit["forward"] = forward
+        return self._jit["forward"]
+
     @torch.inference_mode()
     def run_batches(self, items, plan, normalize: bool = False, progress: bool = False):
         """-> (indices, float32 array (B, H)) for each batch of `plan` (from `batches`), in order:
@@ -243,13 +282,14 @@ class Embedder:
         if self._past is None and self.prefix_ids:   # the prefix runs once; its cache is kept
             prefix = torch.tensor([self.prefix_ids], device=self.device)
             _, self._past = self.model(prefix, use_cache=True)
+        sentences = sum(len(idx) for _, idx in plan)
+        compiled = self.decoder(max(sentences, self.expected))
         for hit, idx in tqdm(plan, "embed", unit="batch", disable=not progress, file=sys.stderr):
             prompts = [items[i][0] for i in idx]
-            if self.pooling == "last":
-                past = self._past if hit else None
-                h = last_token(self.model, self.tok, prompts, past)            # (B, H)
-            else:
-                h = mean_state(self.model, self.tok, prompts)                  # (B, H)
+            # One graph: a batch of one sentence, or off the cached prefix, runs eager.
+            usual = hit or not self.prefix_ids
+            model = compiled if usual and len(idx) > 1 else self.model
+            h = self.pool(model, prompts, hit)                                   # (B, H)
             vecs = h.float().cpu().numpy()
             if normalize:
                 vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)

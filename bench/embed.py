@@ -1,29 +1,37 @@
-"""Throughput of embed.py vs transformers' LlamaModel on the same checkpoint, prompts and batch size.
+"""Throughput of embed.py against transformers on the same checkpoint and prompts, eager, compiled.
 
-    python bench/embed.py [--n 1000] [--batch-size 64]
+    python bench/embed.py [--n 2000] [--batch-size 64] [--cold]
 
-Both run on the same 1,000 STS-B sentences and device (--device), in one process,
-alternating: transformers in fp32, embed.py at its default settings (bf16 where the CPU has
-native bf16 and on GPUs, fp32 elsewhere; --dtype overrides). transformers gets the full prompt
-of every sentence, batched in input order with left padding (what a straightforward
-implementation does); embed.py sorts by length and reuses the key/value cache of
-the shared prefix. Printed: sentences/s of each, their ratio, the fraction of this
-machine's matmul peak (in embed.py's dtype, measured in the same run) that
-embed.py's linear layers reach, and the peak RSS of the process.
+Everything runs in one process, on the same STS-B dev sentences and device (--device), alternating,
+so that other jobs on a shared machine slow each side alike:
+- embed.py at its default settings (bf16 on GPUs and CPUs with native bf16, else fp32;
+  $SENTEMB_DTYPE or --dtype overrides), eager and compiled (support/compile.py); the compile time
+  is printed apart and not counted in the throughput;
+- the best peer: transformers' LlamaModel in the same dtype, given the prompts sorted by length in
+  batches of --batch-size, each padded to its longest (what sentence-transformers' encode does);
+- the plain peer: transformers in fp32, prompts in input order (--no-plain skips it).
+transformers runs every full prompt; embed.py runs the shared prefix once and reuses its key/value
+cache. Printed: sentences/s, the ratios to the best peer, the least cosine between embed.py's and
+the peer's vectors, the fraction of this device's matmul peak (in embed.py's dtype, measured in
+the same run) that embed.py's linear layers reach, the compile time (cold: an empty compile
+cache, --cold; warm: the cache of an earlier run), the break-even input (the sentences after
+which compiling has paid for itself), and the peak RSS.
 """
 import argparse
+import os
 import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from support.cli import cli, data_dir, device  # noqa: E402  (before torch: it sets OpenMP's waiting policy)
+# support.cli first: it sets OpenMP's waiting policy before torch loads.
+from support.cli import cli, data_dir, default_dtype, device  # noqa: E402
 import torch  # noqa: E402
 import embed as E  # noqa: E402
-import model as M  # noqa: E402
 from support import hub  # noqa: E402
 
 
@@ -37,69 +45,153 @@ def stsb_sentences(n, data_arg=None):
 
 
 @torch.inference_mode()
-def transformers_encode(ref, emb, sentences, bs):
-    out = []
-    for i in range(0, len(sentences), bs):
-        ids, mask = emb.tok.pad([emb.tok.encode(emb.prompt(s)[0]) for s in sentences[i:i + bs]], device=ref.device)
-        h = ref(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
-        out.append(h[:, -1].float().cpu().numpy())
-    return np.concatenate(out)
+def transformers_encode(ref, emb, sentences, bs, by_length: bool):
+    """The last token's final state of every full prompt through transformers, batches of bs left
+    padded: in input order, or sorted by length as sentence-transformers' encode does."""
+    prompts = [emb.tok.encode(emb.prompt(s)[0]) for s in sentences]
+    order = list(range(len(prompts)))
+    if by_length:
+        order.sort(key=lambda i: -len(prompts[i]))
+    out = np.zeros((len(prompts), ref.config.hidden_size), dtype=np.float32)
+    for j in range(0, len(order), bs):
+        idx = order[j:j + bs]
+        ids, mask = emb.tok.pad([prompts[i] for i in idx], device=ref.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)   # left padding: count real tokens only
+        h = ref(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        out[idx] = h[:, -1].float().cpu().numpy()   # (B, H)
+    return out
+
+
+def sync(dev):
+    """Wait for the device: CUDA runs asynchronously."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def matmul_peak(dtype, dev, repeats=10) -> float:
-    """This device's dense matmul rate in FLOP/s (the best of a few n x n products), in this process."""
+    """This device's dense matmul rate in FLOP/s (the best of a few n x n products), in this
+    process."""
     n = 8192 if dev.type == "cuda" else 2048
-    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)   # CUDA runs asynchronously
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
     best = float("inf")
     for _ in range(repeats):
-        sync()
+        sync(dev)
         t = time.perf_counter()
         torch.mm(a, b)
-        sync()
+        sync(dev)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
 
 def linear_flops(emb, sentences) -> float:
-    """FLOPs of the decoder blocks' linear layers for the tokens embed.py runs (the cached prefix runs once)."""
-    params = sum(p.numel() for n, p in emb.model.named_parameters() if ".layers." in n and p.dim() == 2)
-    return 2.0 * params * sum(len(ids) for ids, _ in emb.tokenize(sentences))
+    """FLOPs of the decoder blocks' linear layers for the tokens embed.py runs (the cached prefix
+    runs once)."""
+    params = sum(p.numel() for n, p in emb.model.named_parameters()
+                 if ".layers." in n and p.dim() == 2)
+    tokens = sum(len(ids) for ids, _ in emb.tokenize(sentences))
+    return 2.0 * params * tokens
+
+
+def min_cosine(a, b) -> float:
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cos.min())
+
+
+def measure(emb, sents, bs, repeats, best_peer, plain_peer):
+    """-> ({side: best sentences/s}, least cosine of eager to the best peer and compiled to eager),
+    the sides run in turn `repeats` times."""
+    sides = {
+        "eager": lambda: emb.encode(sents),
+        "compiled": lambda: emb.encode(sents),
+        "best": lambda: transformers_encode(best_peer, emb, sents, bs, by_length=True),
+        "plain": lambda: transformers_encode(plain_peer, emb, sents, bs, by_length=False),
+    }
+    if plain_peer is None:
+        del sides["plain"]
+    rates = dict.fromkeys(sides, 0.0)
+    vecs = {}
+    for _ in range(repeats):
+        for side, run in sides.items():
+            emb.compile = side == "compiled"
+            t = time.perf_counter()
+            vecs[side] = run()
+            rates[side] = max(rates[side], len(sents) / (time.perf_counter() - t))
+    rates.setdefault("plain", float("nan"))
+    cos = min(min_cosine(vecs["eager"], vecs["best"]), min_cosine(vecs["compiled"], vecs["eager"]))
+    return rates, cos
+
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = ap.add_argument
+    a("--n", type=int, default=2000, help="number of STS-B dev sentences (default 2000)")
+    a("--batch-size", type=int, default=64, help="sentences per forward pass, for all (default 64)")
+    a("--repeats", type=int, default=3, help="timed repeats (the best is reported)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"],
+      help="embed.py's and the best peer's dtype (default: $SENTEMB_DTYPE, else bf16 on GPUs and "
+           "CPUs with native bf16, else fp32)")
+    a("--device", help="all run here: cpu, cuda or cuda:N (default: cuda if available)")
+    a("--cold", action="store_true",
+      help="compile into an empty cache (a first run's compile time), not the persistent one")
+    a("--no-plain", action="store_true", help="skip the plain peer (fp32, input order)")
+    a("--data-dir", help="evaluation data (default: $SENTEMB_DATA, else data/)")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1000, help="number of STS-B dev sentences")
-    ap.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass, for both (default 64)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                    help="embed.py's dtype (default: bf16 on GPUs and CPUs with native bf16, else fp32)")
-    ap.add_argument("--device", help="both models run here: cpu, cuda or cuda:N (default: cuda if available)")
-    ap.add_argument("--data-dir", help="evaluation data (default: $SENTEMB_DATA, else data/)")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.cold:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sentemb-compile-")
     import transformers
     sents = stsb_sentences(args.n, args.data_dir)
     dev = device(args.device)
-    ref = transformers.LlamaModel.from_pretrained(str(hub.resolve(hub.DEFAULT_MODEL)), dtype=torch.float32).to(dev).eval()
-    dtype = getattr(torch, args.dtype) if args.dtype else M.default_dtype(dev)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(dev)
     dname = str(dtype).removeprefix("torch.")
-    print(f"{len(sents)} STS-B dev sentences, batch {args.batch_size}, embed.py in {dname}, "
-          f"transformers in float32, on {dev}{'' if dev.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
-    print(f"{'setting':<22} {'embed.py sent/s':>16} {'transformers sent/s':>20} {'ratio':>7} {'max |diff|':>11}")
-    for name, demos in (("no demonstration", []), ("one demonstration", "default")):   # the model's chosen one
-        emb = E.Embedder(hub.DEFAULT_MODEL, demonstrations=demos, batch_size=args.batch_size, dtype=dtype,
-                         device=dev)
-        ours = theirs = 0.0
-        for _ in range(args.repeats):
-            t = time.perf_counter(); a = emb.encode(sents); ours = max(ours, len(sents) / (time.perf_counter() - t))
-            t = time.perf_counter(); b = transformers_encode(ref, emb, sents, args.batch_size)
-            theirs = max(theirs, len(sents) / (time.perf_counter() - t))
-        print(f"{name:<22} {ours:>16.1f} {theirs:>20.1f} {ours / theirs:>6.2f}x {np.abs(a - b).max():>11.2e}")
-        peak = max(matmul_peak(dtype, dev), matmul_peak(dtype, dev))
-        used = linear_flops(emb, sents) * ours / len(sents)
-        print(f"{'':<22} embed.py runs its linear layers at {used / 1e9:.1f} GFLOP/s, "
-              f"{used / peak:.0%} of this device's {dname} matmul peak ({peak / 1e9:.1f} GFLOP/s, measured now)")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process, both models loaded)")
+    path = str(hub.resolve(hub.DEFAULT_MODEL))
+    best_peer = transformers.LlamaModel.from_pretrained(path, dtype=dtype).to(dev).eval()
+    plain_peer = None
+    if not args.no_plain:
+        plain_peer = transformers.LlamaModel.from_pretrained(path, dtype=torch.float32)
+        plain_peer = plain_peer.to(dev).eval()
+    threads = "" if dev.type == "cuda" else f", {torch.get_num_threads()} threads"
+    print(f"{len(sents)} STS-B dev sentences, batch {args.batch_size}, {dname} (embed.py and "
+          f"the best peer), on {dev}{threads}; best of {args.repeats}")
+    print("sentences/s: embed.py eager and compiled; transformers sorted by length in "
+          f"{dname} (the best peer) and in input order in float32 (the plain peer)")
+    head = ("setting", "eager", "compiled", "best peer", "eager/peer", "compiled/peer",
+            "plain peer", "min cos")
+    print(f"{head[0]:<18}" + "".join(f"{h:>14}" for h in head[1:]))
+    base = E.Embedder(hub.DEFAULT_MODEL, demonstrations=[], batch_size=args.batch_size,
+                      dtype=dtype, device=dev, compile=True)
+    peak = max(matmul_peak(dtype, dev), matmul_peak(dtype, dev))
+    notes = []
+    with_demo = base.with_demonstrations(E.default_demonstrations(hub.DEFAULT_MODEL))
+    for name, emb in (("no demonstration", base), ("one demonstration", with_demo)):
+        emb.compile = True
+        emb.encode(sents[:2 * args.batch_size])   # compiles; the second setting reuses the graph
+        compile_s = base.stats["compile_seconds"]
+        r, cos = measure(emb, sents, args.batch_size, args.repeats, best_peer, plain_peer)
+        cells = [f"{r['eager']:.1f}", f"{r['compiled']:.1f}", f"{r['best']:.1f}",
+                 f"{r['eager'] / r['best']:.2f}x", f"{r['compiled'] / r['best']:.2f}x",
+                 f"{r['plain']:.1f}", f"{cos:.5f}"]
+        print(f"{name:<18}" + "".join(f"{c:>14}" for c in cells))
+        flops = linear_flops(emb, sents) / len(sents)
+        fractions = [f"{flops * r[k] / peak:.0%} {k}" for k in ("eager", "compiled")]
+        saved = 1 / r["eager"] - 1 / r["compiled"]      # seconds per sentence
+        even = f"{compile_s / saved:,.0f} sentences" if saved > 0 else "never"
+        notes.append(f"{name}: linear layers at {', '.join(fractions)} of the {dname} matmul "
+                     f"peak; compiling pays after {even}")
+    from torch._dynamo.utils import counters
+    cache = "warm: kernels from the compile cache"
+    if not counters["inductor"]["fxgraph_cache_hit"]:
+        cache = "cold: an empty cache"
+    graphs = counters["stats"]["unique_graphs"]
+    notes.insert(0, f"compile: {compile_s:.1f} s ({cache}); graphs built: {graphs}")
+    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s ({dname}, measured now)")
+    print("\n".join(notes))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MiB (process, all models loaded)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""Used by embed (the Embedder's compiled path): whether torch.compile works here, where its cache
+lives, when compiling pays, and the compiled decoder.
+
+The decoder's own forward (model.Decoder.forward, the code a reader reads) runs through
+torch.compile with inductor, which fuses the work between the matrix products (norms, RoPE, the
+mask, SwiGLU, residual adds) into generated kernels. Its batch, length and prefix dimensions are
+symbolic, so one graph serves every batch of a run and every cached prefix: `warm_up` builds it
+on a dummy batch, before the first real one. Dynamo
+specializes a dimension of size 1, so a batch of one sentence runs eager, as do the rare prompts
+that do not continue the cached prefix: a run builds one graph.
+
+Inductor writes C++ on the CPU (a C++ compiler must be installed) and Triton on GPUs; where that is
+missing, `unavailable` says why and the Embedder runs eager. The generated code goes to a
+persistent cache (torch's FX graph and AOTAutograd caches, under <sentemb cache>/compile unless
+$TORCHINDUCTOR_CACHE_DIR is set): a second run loads the kernels instead of building them.
+"""
+import os
+import time
+
+import torch
+
+from support.files import cache_root
+
+# Sentences from which compiling pays on the CPU: the compile time of a cold cache over the time
+# the compiled forward saves per sentence (bench/embed.py measures both). Auto never compiles on
+# GPUs, whose eager forward leaves compiling little to save on inputs this size.
+BREAK_EVEN = 20_000
+
+
+def unavailable(model) -> str | None:
+    """Why the decoder cannot be compiled here (one line), or None."""
+    try:
+        import torch._inductor.config as inductor_config
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError as e:
+        return f"this torch has no inductor ({e})"
+    devices = {p.device.type for p in model.parameters()}
+    if len({p.device for p in model.parameters()}) > 1:
+        return "the model spans several devices"
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return "bitsandbytes' quantized layers do not compile"
+    if "cuda" in devices:
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "inductor needs Triton on GPUs, which is not installed"
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return f"inductor needs a C++ compiler on the CPU; none found ({inductor_config.cpp.cxx})"
+    return None
+
+
+def pays(n: int, device: torch.device) -> bool:
+    """Whether compiling is worth its time for n sentences on this device (the auto setting)."""
+    return device.type == "cpu" and n >= BREAK_EVEN
+
+
+def cache_dir() -> str:
+    """Where inductor keeps compiled code between runs: $TORCHINDUCTOR_CACHE_DIR, else
+    <sentemb cache>/compile (set here, before inductor first reads it)."""
+    default = str(cache_root() / "compile")
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
+
+
+def compiled(model):
+    """The decoder's forward through torch.compile: dynamic shapes, one graph (see above)."""
+    cache_dir()
+    return torch.compile(model, dynamic=True)
+
+
+def warm_up(forward, tok) -> float:
+    """Build the graph: `forward(prompts)` on a dummy batch of two prompts, one padded; -> the
+    seconds it took."""
+    import torch.fx.experimental._config as fx_config
+    prompts = [[tok.pad_id] * 7, [tok.pad_id] * 6]
+    t0 = time.perf_counter()
+    # No duck sizing: dimensions of equal size at trace time would share a symbol, and a later
+    # batch where they differ would build a second graph.
+    with fx_config.patch(use_duck_shape=False):
+        forward(prompts)
+    return time.perf_counter() - t0
