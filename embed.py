@@ -313,6 +313,9 @@ class Embedder:
                     progress: bool = False) -> dict:
         """Each line of a text file (.gz too) -> a row of a .npy, .jsonl or .safetensors file, with
         progress per batch; an interrupted run continues: see support/corpus.py."""
+        # Auto compiling counts the whole file, not one chunk.
+        chunks = corpus.read_chunks(Path(input_path), corpus.CHUNK)
+        self.expect(sum(len(lines) for _, lines in chunks))
         return corpus.embed_file(self, input_path, output_path, normalize=normalize,
                                  progress=progress)
 
@@ -374,13 +377,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def compiled(emb: Embedder) -> str:
+    """The stats line's note on compiling, if this run compiled."""
+    seconds = emb.stats["compile_seconds"]
+    return f" (compiled: {seconds:.1f} s of it compiling)" if seconds else ""
+
+
 def summary(emb: Embedder, sentences, args) -> str:
     """The quick and stdin modes' last line: what was embedded, how fast, in which precision."""
     st = emb.stats
     rate = st["sentences"] / max(st["seconds"], 1e-9)
     dtype = str(emb.dtype).removeprefix("torch.")
     line = f"{st['sentences']} sentences, {st['tokens']} tokens, {st['seconds']:.2f} s, "
-    line += f"{rate:.1f} sentences/s in {dtype}"
+    line += f"{rate:.1f} sentences/s in {dtype}{compiled(emb)}"
     if st["truncated"]:
         line += f", {st['truncated']} truncated to {args.max_tokens} tokens"
     empty = sum(1 for s in sentences if not s.strip())
@@ -408,15 +417,16 @@ def main(argv=None):
     emb = Embedder(args.model, template=args.template, pooling=args.pooling,
                    max_tokens=args.max_tokens, batch_size=args.batch_size,
                    demonstrations=parse_demonstrations(args.demonstration),
-                   device=dev, dtype=args.dtype, bits=args.bits, adapter=args.adapter)
+                   device=dev, dtype=args.dtype, bits=args.bits, adapter=args.adapter,
+                   compile=args.compile)
     if stream:
         st = emb.encode_file(args.input, args.output, normalize=args.normalize, progress=True)
         if st["rank"] == 0:
             rate = st["embedded"] / st["seconds"]
             dtype = str(emb.dtype).removeprefix("torch.")
             print(f"{st['rows']} sentences, {st['embedded']} embedded by this run in "
-                  f"{st['seconds']:.1f} s, {rate:.1f} sentences/s in {dtype} -> {args.output}",
-                  file=sys.stderr)
+                  f"{st['seconds']:.1f} s, {rate:.1f} sentences/s in {dtype}{compiled(emb)} -> "
+                  f"{args.output}", file=sys.stderr)
         return
     sentences = args.sentences or read_stdin()
     vecs = emb.encode(sentences, normalize=args.normalize, progress=len(sentences) > 256)

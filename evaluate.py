@@ -328,6 +328,8 @@ def evaluate(model, params, encoder, loaded, kfold=10) -> dict:
     load_task, their x100 summary, the CachedEncoder's fingerprint and counts."""
     data = [d for splits in loaded.values() for d in splits.values()]
     sentences = [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)]
+    if hasattr(encoder.encoder, "expect"):   # an Embedder compiles when the whole run repays it
+        encoder.encoder.expect(len(set(sentences)))
     emb = embed_all(encoder, sentences)
     results = {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb)
                for n, s in loaded.items()}
@@ -381,7 +383,7 @@ def build_encoder(args, model):
     """-> (embed.Embedder for `model` configured by the flags, its parameter count)."""
     from embed import Embedder  # torch and the model code load only when needed
     kwargs = dict(model=model, template=args.template, pooling=args.pooling,
-                  max_tokens=args.max_tokens, batch_size=args.batch_size,
+                  max_tokens=args.max_tokens, batch_size=args.batch_size, compile=args.compile,
                   device=device(args.device), dtype=args.dtype, bits=args.bits,
                   adapter=args.adapter, demonstrations=parse_demonstrations(args.demonstration))
     emb = Embedder(**{k: v for k, v in kwargs.items() if v is not None})  # None: Embedder's default

@@ -2,6 +2,7 @@
 
 A user error (a bad flag, a missing file) ends a command in one line on stderr and exit 1; Ctrl-C
 ends it in one line saying what was kept, and exit 130."""
+import argparse
 import os
 import signal
 import sys
@@ -91,6 +92,11 @@ def embedder_flags(p):
       help="repeatable, or none (default: the model's in data/demonstrations.json; "
            "none with --adapter)")
     model_flags(p)
+    from support.compile import BREAK_EVEN
+    a("--compile", action=argparse.BooleanOptionalAction,
+      help="run the decoder through torch.compile: faster, after a minute or more of compiling "
+           f"(cached for later runs) (default: on the CPU for inputs of {BREAK_EVEN:,} sentences "
+           "or more)")
 
 
 def model_flags(p):
