@@ -313,9 +313,6 @@ class Embedder:
                     progress: bool = False) -> dict:
         """Each line of a text file (.gz too) -> a row of a .npy, .jsonl or .safetensors file, with
         progress per batch; an interrupted run continues: see support/corpus.py."""
-        # Auto compiling counts the whole file, not one chunk.
-        chunks = corpus.read_chunks(Path(input_path), corpus.CHUNK)
-        self.expect(sum(len(lines) for _, lines in chunks))
         return corpus.embed_file(self, input_path, output_path, normalize=normalize,
                                  progress=progress)
 

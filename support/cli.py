@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 # A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so stages
@@ -36,11 +37,31 @@ def program() -> str:
     return Path(sys.argv[0]).name
 
 
+def interrupted_while_loading(signum, frame):
+    print(f"{program()}: interrupted while loading; nothing was written", file=sys.stderr,
+          flush=True)
+    os._exit(130)
+
+
+def running_a_script() -> bool:
+    """Whether this process runs one of the project's scripts (not a test, not a user's code)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is not None and REPO in Path(main).resolve().parents
+
+
+# Ctrl-C while a script loads its libraries (torch takes seconds) ends it in one line, as later;
+# cli() hands Ctrl-C back to Python when the command starts.
+if running_a_script() and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, interrupted_while_loading)
+
+
 def cli(main, argv=None, interrupted="nothing was written") -> int:
     """Run main(argv) -> exit code. A user error: one line, 1. Ctrl-C: one line (`interrupted`, or
     what the callable returns, says what the stopped run kept), 130. argv given: the line starts
     "sentemb:" (a call from Python), else with the program's name."""
     prog = program() if argv is None else "sentemb"
+    if argv is None and signal.getsignal(signal.SIGINT) is interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv) or 0
     except ValueError as e:

@@ -217,6 +217,7 @@ def embed_file(emb, input_path, output_path, normalize=False, progress=False, ch
     if record.exists():
         at = {k: json.loads(record.read_text())[k] for k in at}
     resumed = at["kept"]
+    emb.expect(share - resumed)   # auto compiling weighs what this run embeds, not one chunk
 
     def save(done, batches, rows):   # after the rows are in the partial file
         at.update(done=done, batches=batches, kept=rows)

@@ -366,3 +366,17 @@ def test_multi_process_tests_are_marked_slow():
                 assert "pytest.mark.slow" in marks, f"{path.name}::{node.name} is not marked slow"
                 found.append(node.name)
     assert found, "no multi-process test found: has the check gone blind?"
+
+
+def test_ctrl_c_while_a_script_loads_torch_is_one_line():
+    p = subprocess.Popen([sys.executable, str(ROOT / "embed.py"), "a sentence"], cwd=ROOT,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.8)                  # importing torch: seconds
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert len(err.splitlines()) == 1 and err.startswith("embed.py: interrupted"), err
+    assert out == ""
