@@ -121,9 +121,9 @@ def bench(args, name):
     base_bytes = rows[0][1]
     base_secs = rows[0][3]
     shown = args.model if name == args.model else "random SmolLM2-135M-shaped LLaMA"
-    policy = os.environ["OMP_WAIT_POLICY"]
+    policy = os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT')}"
     print(f"model: {shown}; batch {args.batch} x {ids.shape[1]} tokens; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU, OMP_WAIT_POLICY={policy}; "
+          f"{torch.get_num_threads()} threads, CPU, OpenMP waits: {policy}; "
           f"ratios to the first row")
     print(f"{'bits':>4} {'weights MB':>10} {'ratio':>6} {'after fwd':>9} {'fwd ms':>8} "
           f"{'ratio':>6} {'cos mean':>8} {'cos min':>8}")

@@ -9,9 +9,31 @@ import sys
 import threading
 from pathlib import Path
 
-# A spinning OpenMP thread steals a shared CPU's cores; torch reads this when it loads, so stages
-# import this module first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def openmp_waits(environ, load: float, cores: int) -> dict:
+    """How OpenMP's threads wait between operations, as environment variables. Spinning keeps
+    them ready for the next operation, which a step's many small ones need; beside another busy
+    process a spinning thread takes the core that the thread it waits for needs (bench/README.md,
+    "A shared CPU"). So: a short spin where the machine is quiet as the process starts (load
+    average under a quarter of the cores), passive waits where it is busy; the user's setting
+    wins."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    if load < cores / 4:
+        return {"GOMP_SPINCOUNT": "20000"}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def load_average() -> float:
+    """The last minute's load average; infinite where the system does not say (passive waits)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has none; some containers cannot read it
+        return float("inf")
+
+
+# torch reads these when it loads, so stages import this module first.
+os.environ.update(openmp_waits(os.environ, load_average(), os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD_HINT = "run `python data/download.py` or pass --data-dir"
