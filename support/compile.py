@@ -20,9 +20,10 @@ import time
 from support.files import cache_root
 
 # Sentences from which compiling pays on the CPU: the compile time of a cold cache over the time
-# the compiled forward saves per sentence (bench/embed.py measures both). Auto never compiles on
-# GPUs, whose eager forward leaves compiling little to save on inputs this size.
-BREAK_EVEN = 20_000
+# the compiled forward saves per sentence, with the default demonstration (bench/embed.py measures
+# both; bench/README.md has the numbers). Auto never compiles on GPUs, whose eager forward leaves
+# compiling little to save on inputs this size.
+BREAK_EVEN = 50_000
 
 
 def unavailable(model) -> str | None:
