@@ -374,19 +374,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def compiled(emb: Embedder) -> str:
-    """The stats line's note on compiling, if this run compiled (its rate leaves compiling out)."""
-    seconds = emb.stats["compile_seconds"]
-    return f" (compiled: {seconds:.1f} s of it compiling, not in the rate)" if seconds else ""
+def speed(emb: Embedder, n: int, seconds: float) -> str:
+    """The stats line's rate of n sentences in `seconds`, compiling left out, and the dtype."""
+    compiling = emb.stats["compile_seconds"]
+    rate = n / max(seconds - compiling, 1e-9)
+    line = f"{rate:.1f} sentences/s in {str(emb.dtype).removeprefix('torch.')}"
+    if compiling:
+        line += f" (compiled: {compiling:.1f} s of it compiling, not in the rate)"
+    return line
 
 
 def summary(emb: Embedder, sentences, args) -> str:
     """The quick and stdin modes' last line: what was embedded, how fast, in which precision."""
     st = emb.stats
-    rate = st["sentences"] / max(st["seconds"] - st["compile_seconds"], 1e-9)
-    dtype = str(emb.dtype).removeprefix("torch.")
     line = f"{st['sentences']} sentences, {st['tokens']} tokens, {st['seconds']:.2f} s, "
-    line += f"{rate:.1f} sentences/s in {dtype}{compiled(emb)}"
+    line += speed(emb, st["sentences"], st["seconds"])
     if st["truncated"]:
         line += f", {st['truncated']} truncated to {args.max_tokens} tokens"
     empty = sum(1 for s in sentences if not s.strip())
@@ -419,10 +421,8 @@ def main(argv=None):
     if stream:
         st = emb.encode_file(args.input, args.output, normalize=args.normalize, progress=True)
         if st["rank"] == 0:
-            rate = st["embedded"] / max(st["seconds"] - emb.stats["compile_seconds"], 1e-9)
-            dtype = str(emb.dtype).removeprefix("torch.")
             print(f"{st['rows']} sentences, {st['embedded']} embedded by this run in "
-                  f"{st['seconds']:.1f} s, {rate:.1f} sentences/s in {dtype}{compiled(emb)} -> "
+                  f"{st['seconds']:.1f} s, {speed(emb, st['embedded'], st['seconds'])} -> "
                   f"{args.output}", file=sys.stderr)
         return
     sentences = args.sentences or read_stdin()

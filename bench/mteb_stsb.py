@@ -14,7 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from support.cli import UserError, cli, data_dir, embedder_flags, writable  # noqa: E402 (before torch)
+# support.cli first: it sets OpenMP's waiting policy before torch loads.
+from support.cli import UserError, cli, data_dir, embedder_flags, writable  # noqa: E402
 from support.files import write_atomic  # noqa: E402
 from support.hub import DEFAULT_MODEL  # noqa: E402
 from support.provenance import provenance  # noqa: E402

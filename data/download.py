@@ -61,7 +61,8 @@ FILE_SOURCES = {"sts/sick/readme.txt": ("brmson/dataset-sts", "data/sts/sick2014
 ZIPPED = {"sts/sts15/answers-forums-attribution":
           ("leotmc/simcse", f"{SE}/STS/STS15-en-test/STS.answers-forums.zip", "STS.answers-forums")}
 RAW_GITHUB = "https://raw.githubusercontent.com"
-NLI_FOR_SIMCSE = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/nli_for_simcse.csv"
+NLI_FOR_SIMCSE = ("https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/"
+                  "nli_for_simcse.csv")
 SETS = ["sts", "sts_raw", "transfer", "icl", "nli"]
 NOT_DOWNLOADED = {  # read by some script, but built here rather than published anywhere
     "dict/wordnet30_word_definitions.tsv.gz":

@@ -4,10 +4,10 @@ lives, when compiling pays, and the compiled decoder.
 The decoder's own forward (model.Decoder.forward, the code a reader reads) runs through
 torch.compile with inductor, which fuses the work between the matrix products (norms, RoPE, the
 mask, SwiGLU, residual adds) into generated kernels. Its batch, length and prefix dimensions are
-symbolic, so one graph serves every batch of a run and every cached prefix: `warm_up` builds it
-on a dummy batch, before the first real one. Dynamo
-specializes a dimension of size 1, so a batch of one sentence runs eager, as do the rare prompts
-that do not continue the cached prefix: a run builds one graph.
+symbolic, so one graph serves every batch of a run and every cached prefix: `warm_up` builds it on
+a dummy batch, before the first real one. Dynamo specializes a dimension of size 1, so a batch of
+one sentence runs eager, as do the rare prompts that do not continue the cached prefix: a run
+builds one graph.
 
 Inductor writes C++ on the CPU (a C++ compiler must be installed) and Triton on GPUs; where that is
 missing, `unavailable` says why and the Embedder runs eager. The generated code goes to a
