@@ -357,6 +357,8 @@ def train(run):
         log(run, {"event": "done", **vars(run.pos)})
         print(f"done: {run.pos.step} steps -> {final}\nevaluate: python evaluate.py --model "
               f"{a.model} --demonstration none --adapter {final}")   # (the unquantized base)
+    if run.world > 1:                   # no rank closes its connections while another still works
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- CLI
