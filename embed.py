@@ -270,7 +270,8 @@ class Embedder:
                 return self.model
             forward = jit.compiled(self.model)
             hit = bool(self.prefix_ids) and self.pooling == "last"
-            seconds = jit.warm_up(lambda prompts: self.pool(forward, prompts, hit), self.tok)
+            seconds = jit.warm_up(lambda prompts: self.pool(forward, prompts, hit), self.tok,
+                                  self.batch_size, self.device)
             self.stats["compile_seconds"] += seconds
             self._jit["forward"] = forward
         return self._jit["forward"]

@@ -11,11 +11,11 @@ so that other jobs on a shared machine slow each side alike:
   batches of --batch-size, each padded to its longest (what sentence-transformers' encode does);
 - the plain peer: transformers in fp32, prompts in input order (--no-plain skips it).
 transformers runs every full prompt; embed.py runs the shared prefix once and reuses its key/value
-cache. Printed: sentences/s, the ratios to the best peer, the least cosine between embed.py's and
-the peer's vectors, the fraction of this device's matmul peak (in embed.py's dtype, measured in
-the same run) that embed.py's linear layers reach, the compile time (cold: an empty compile
-cache, --cold; warm: the cache of an earlier run), the break-even input (the sentences after
-which compiling has paid for itself), and the peak RSS.
+cache. Printed: sentences/s, the ratios to the best peer, the least cosine between embed.py's eager
+vectors and the peer's and between the compiled and the eager ones (cos c/e), the fraction of this
+device's matmul peak (in embed.py's dtype, measured in the same run) that embed.py's linear layers
+reach, the compile time (cold: an empty compile cache, --cold; warm: the cache of an earlier run),
+the break-even input (the sentences after which compiling has paid for itself), and the peak RSS.
 """
 import argparse
 import os
@@ -99,8 +99,8 @@ def min_cosine(a, b) -> float:
 
 
 def measure(emb, sents, bs, repeats, best_peer, plain_peer):
-    """-> ({side: best sentences/s}, least cosine of eager to the best peer and compiled to eager),
-    the sides run in turn `repeats` times."""
+    """-> ({side: best sentences/s}, least cosine of eager to the best peer, least cosine of
+    compiled to eager), the sides run in turn `repeats` times."""
     sides = {
         "eager": lambda: emb.encode(sents),
         "compiled": lambda: emb.encode(sents),
@@ -118,8 +118,8 @@ def measure(emb, sents, bs, repeats, best_peer, plain_peer):
             vecs[side] = run()
             rates[side] = max(rates[side], len(sents) / (time.perf_counter() - t))
     rates.setdefault("plain", float("nan"))
-    cos = min(min_cosine(vecs["eager"], vecs["best"]), min_cosine(vecs["compiled"], vecs["eager"]))
-    return rates, cos
+    peer = min_cosine(vecs["eager"], vecs["best"])
+    return rates, peer, min_cosine(vecs["compiled"], vecs["eager"])
 
 
 def parser():
@@ -160,7 +160,7 @@ def main(argv=None):
     print("sentences/s: embed.py eager and compiled; transformers sorted by length in "
           f"{dname} (the best peer) and in input order in float32 (the plain peer)")
     head = ("setting", "eager", "compiled", "best peer", "eager/peer", "compiled/peer",
-            "plain peer", "min cos")
+            "plain peer", "cos to peer", "cos c/e")
     print(f"{head[0]:<18}" + "".join(f"{h:>14}" for h in head[1:]))
     base = E.Embedder(hub.DEFAULT_MODEL, demonstrations=[], batch_size=args.batch_size,
                       dtype=dtype, device=dev, compile=True)
@@ -171,10 +171,10 @@ def main(argv=None):
         emb.compile = True
         emb.encode(sents[:2 * args.batch_size])   # compiles; the second setting reuses the graph
         compile_s = base.stats["compile_seconds"]
-        r, cos = measure(emb, sents, args.batch_size, args.repeats, best_peer, plain_peer)
+        r, peer, same = measure(emb, sents, args.batch_size, args.repeats, best_peer, plain_peer)
         cells = [f"{r['eager']:.1f}", f"{r['compiled']:.1f}", f"{r['best']:.1f}",
                  f"{r['eager'] / r['best']:.2f}x", f"{r['compiled'] / r['best']:.2f}x",
-                 f"{r['plain']:.1f}", f"{cos:.5f}"]
+                 f"{r['plain']:.1f}", f"{peer:.5f}", f"{same:.5f}"]
         print(f"{name:<18}" + "".join(f"{c:>14}" for c in cells))
         flops = linear_flops(emb, sents) / len(sents)
         fractions = [f"{flops * r[k] / peak:.0%} {k}" for k in ("eager", "compiled")]

@@ -137,9 +137,8 @@ def embedder_flags(p):
     model_flags(p)
     from support.compile import BREAK_EVEN
     a("--compile", action=argparse.BooleanOptionalAction,
-      help="run the decoder through torch.compile: faster, after a minute or more of compiling "
-           f"(cached for later runs) (default: on the CPU for inputs of {BREAK_EVEN:,} sentences "
-           "or more)")
+      help="run the decoder through torch.compile: faster, after minutes of compiling "
+           f"(default: on the CPU for inputs of {BREAK_EVEN:,} sentences or more)")
 
 
 def model_flags(p):

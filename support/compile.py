@@ -9,21 +9,28 @@ a dummy batch, before the first real one. Dynamo specializes a dimension of size
 one sentence runs eager, as do the rare prompts that do not continue the cached prefix: a run
 builds one graph.
 
+On the CPU the weights are frozen into the graph while it is built: inductor takes them for
+constants, packs them once for oneDNN's kernels and its own AMX/AVX-512 matrix-product templates
+(choosing between them by timing each product at the warm-up's sizes), and fuses SiLU, the
+gate's product and the residual adds into the products.
+
 Inductor writes C++ on the CPU (a C++ compiler must be installed) and Triton on GPUs; where that is
 missing, `unavailable` says why and the Embedder runs eager. The generated code goes to a
 persistent cache (torch's FX graph and AOTAutograd caches, under <sentemb cache>/compile unless
-$TORCHINDUCTOR_CACHE_DIR is set): a second run loads the kernels instead of building them.
+$TORCHINDUCTOR_CACHE_DIR is set): a second run loads the kernels instead of building them, except
+for graphs holding oneDNN-packed weights (the CPU's frozen graph), which torch does not store.
 """
 import os
 import time
+import warnings
 
 from support.files import cache_root
 
-# Sentences from which compiling pays on the CPU: the compile time of a cold cache over the time
-# the compiled forward saves per sentence, with the default demonstration (bench/embed.py measures
-# both; bench/README.md has the numbers). Auto never compiles on GPUs, whose eager forward leaves
-# compiling little to save on inputs this size.
-BREAK_EVEN = 50_000
+# Sentences from which compiling pays on the CPU: the compile time (every run: the frozen graph is
+# not cached) over the time the compiled forward saves per sentence, with and without the default
+# demonstration (bench/embed.py measures both; bench/README.md has the numbers). Auto never
+# compiles on GPUs, whose eager forward leaves compiling little to save on inputs this size.
+BREAK_EVEN = 100_000
 
 
 def unavailable(model) -> str | None:
@@ -77,14 +84,27 @@ def compiled(model):
     return torch.compile(model, dynamic=True, options=OPTIONS)
 
 
-def warm_up(forward, tok) -> float:
-    """Build the graph: `forward(prompts)` on a dummy batch of two prompts, one padded; -> the
-    seconds it took."""
+# Set while the graph is traced and built on the CPU (dynamo reads `freezing` from the global
+# config, not from torch.compile's options): weights as constants; matrix products timed between
+# oneDNN and inductor's C++ templates, the timings kept off the user's terminal.
+FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+def warm_up(forward, tok, batch_size: int, device) -> float:
+    """Build the graph: `forward(prompts)` on a dummy batch the size of a run's (a sentence's
+    tokens after the prompt's head, one prompt padded), so that the products are timed at the
+    sizes they will run at; -> the seconds it took."""
+    import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
-    prompts = [[tok.pad_id] * 7, [tok.pad_id] * 6]
+    rows = max(batch_size, 2)
+    prompts = [[tok.pad_id] * 20] * (rows - 1) + [[tok.pad_id] * 19]
+    frozen = FROZEN if device.type == "cpu" else {}
     t0 = time.perf_counter()
     # No duck sizing: dimensions of equal size at trace time would share a symbol, and a later
     # batch where they differ would build a second graph.
-    with fx_config.patch(use_duck_shape=False):
+    with fx_config.patch(use_duck_shape=False), inductor_config.patch(frozen), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")   # (inductor's own call)
         forward(prompts)
     return time.perf_counter() - t0

@@ -63,17 +63,30 @@ def check_compiled_equals_eager(path, dtype):
     assert graphs() - before == 1
 
 
-def test_compiled_equals_eager_float32(tiny_llama):
+@pytest.fixture
+def untimed(monkeypatch):
+    """Frozen weights without timing the products (seconds a test): oneDNN's products only."""
+    monkeypatch.setattr(jit, "FROZEN", {"freezing": True})
+
+
+def test_compiled_equals_eager_float32(tiny_llama, untimed, monkeypatch):
+    """On the CPU the graph is built with the weights frozen in (inductor's freezing pass runs)."""
+    import torch._inductor.freezing as freezing
+    frozen = []
+    freeze = freezing.freeze
+    monkeypatch.setattr(freezing, "freeze", lambda *a: frozen.append(1) or freeze(*a))
     check_compiled_equals_eager(tiny_llama, "float32")
+    assert frozen
 
 
 @pytest.mark.slow
 def test_compiled_equals_eager_bfloat16(tiny_llama):
+    """As the CPU runs it: frozen weights, the products timed between oneDNN and the templates."""
     check_compiled_equals_eager(tiny_llama, "bfloat16")
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_opt(tmp_path):
+def test_compiled_equals_eager_opt(tmp_path, untimed):
     save(hf_model(OPT_PRE), tmp_path)
     check_compiled_equals_eager(str(tmp_path), "float32")
 
@@ -154,7 +167,7 @@ def test_compile_flags(flags, value):
 
 
 def test_stats_line_names_the_compile_time(tiny_llama, fake_compile, monkeypatch, capsys):
-    monkeypatch.setattr(jit, "warm_up", lambda forward, tok: 12.5)
+    monkeypatch.setattr(jit, "warm_up", lambda *args: 12.5)
     E.main(["--model", tiny_llama, "--dtype", "float32", "--compile", "a b", "c"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "(compiled: 12.5 s of it compiling, not in the rate)" in line, line
