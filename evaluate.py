@@ -328,8 +328,6 @@ def evaluate(model, params, encoder, loaded, kfold=10) -> dict:
     load_task, their x100 summary, the CachedEncoder's fingerprint and counts."""
     data = [d for splits in loaded.values() for d in splits.values()]
     sentences = [s for d in data for s in (d.x if isinstance(d, Labeled) else d.a + d.b)]
-    if hasattr(encoder.encoder, "expect"):   # an Embedder compiles when the whole run repays it
-        encoder.encoder.expect(len(set(sentences)))
     emb = embed_all(encoder, sentences)
     results = {n: score_transfer(n, s, emb, kfold) if n in TRANSFER else score_sts(s, emb)
                for n, s in loaded.items()}

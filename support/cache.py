@@ -86,6 +86,8 @@ class CachedEncoder:
         keys = [hashlib.sha256(s.encode()).digest() for s in sentences]
         new = {k: s for k, s in zip(keys, sentences, strict=True) if k not in self.vectors}
         todo = sorted(new.items(), key=lambda kv: -len(kv[1]))
+        if todo and hasattr(self.encoder, "expect"):   # an Embedder compiles if they repay it
+            self.encoder.expect(len(todo))
         quiet = not (progress and todo)
         with tqdm(total=len(todo), desc="encoding", unit="sent", disable=quiet) as bar:
             for i in range(0, len(todo), self.chunk_size):

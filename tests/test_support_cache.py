@@ -45,6 +45,17 @@ def test_cache_returns_identical_vectors_and_skips_encoded_sentences(tmp_path):
     assert CachedEncoder(other, cache_dir=tmp_path).vectors == {}
 
 
+def test_the_encoder_expects_only_the_sentences_not_in_the_cache(tmp_path):
+    """An Embedder decides to compile from `expect`: sentences found in the cache don't count."""
+    enc = ToyEncoder(fingerprint={"model": "toy"})
+    enc.expected = []
+    enc.expect = enc.expected.append
+    CachedEncoder(enc, cache_dir=tmp_path, chunk_size=2).encode(["a1", "a2", "a1", "a3"])
+    CachedEncoder(enc, cache_dir=tmp_path, chunk_size=2).encode(["a1", "a2", "a3", "b1"])
+    CachedEncoder(enc, cache_dir=tmp_path).encode(["a1"])
+    assert enc.expected == [3, 1]                 # all 3 new, then b1; nothing when all are found
+
+
 def test_cache_survives_a_record_cut_short(tmp_path):
     enc = ToyEncoder(fingerprint={"model": "toy"})
     CachedEncoder(enc, cache_dir=tmp_path).encode(["a0", "b1"])
