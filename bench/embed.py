@@ -119,7 +119,8 @@ def measure(emb, sents, bs, repeats, best_peer, plain_peer):
             rates[side] = max(rates[side], len(sents) / (time.perf_counter() - t))
     rates.setdefault("plain", float("nan"))
     peer = min_cosine(vecs["eager"], vecs["best"])
-    return rates, peer, min_cosine(vecs["compiled"], vecs["eager"])
+    same = min_cosine(vecs["compiled"], vecs["eager"])
+    return rates, peer, same
 
 
 def parser():

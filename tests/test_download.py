@@ -70,7 +70,8 @@ def test_download_offline_fails_in_one_line_and_writes_nothing(dl, tmp_path, cap
     monkeypatch.setattr(dl.urllib.request, "urlopen", offline)
     assert cli(dl.main, ["--dest", str(tmp_path / "d"), "--sets", "icl"]) == 1
     err = capsys.readouterr().err
-    want = "sentemb: error: cannot download https://raw.githubusercontent.com/kongds/scaling_sentemb/"
+    want = ("sentemb: error: cannot download "
+            "https://raw.githubusercontent.com/kongds/scaling_sentemb/")
     assert err.startswith(want)
     assert err.count("\n") == 1 and "(no network): this needs internet access" in err
     assert not (tmp_path / "d").exists()
