@@ -2,6 +2,7 @@
 vectors, one graph serves a run's batches and other cached prefixes, auto compiles only large
 inputs, a missing inductor or C++ compiler means one line and the eager path, the flags, the
 stats line."""
+import contextlib
 import sys
 
 import numpy as np
@@ -143,13 +144,16 @@ def test_missing_compiler_or_inductor_is_one_line_and_eager(tiny_llama, monkeypa
                                                             missing):
     if missing == "compiler":
         import torch._inductor.config as inductor_config
-        monkeypatch.setattr(inductor_config.cpp, "cxx", ("/no/such/c++",))
+        # inductor's own patch: pytest's monkeypatch (9.2) deletes the setting when it undoes
+        patched = inductor_config.patch({"cpp.cxx": ("/no/such/c++",)})
         said = "inductor needs a C++ compiler on the CPU; none found"
     else:
         monkeypatch.setitem(sys.modules, "torch._inductor.cpp_builder", None)
+        patched = contextlib.nullcontext()
         said = "this torch has no inductor"
     e = E.Embedder(tiny_llama, demonstrations=DEMO, dtype="float32", compile=True)
-    got = e.encode(SENTS)
+    with patched:
+        got = e.encode(SENTS)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0] and err[0].endswith("running eager"), err
     want = E.Embedder(tiny_llama, demonstrations=DEMO, dtype="float32", compile=False)
